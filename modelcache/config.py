@@ -1,0 +1,142 @@
+"""The daemon's configuration file: one YAML document, validated by pydantic.
+
+The same models are described by the operator's CRD (``spec.models[]``); the operator
+renders this file into a ConfigMap, so field names and constraints here are the contract
+between the two. Validation errors name the offending field (``models.1.dtype``) because
+a user reading a CrashLoopBackOff log has nothing else to go on.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+Task = Literal["embedding", "causal-lm"]
+DType = Literal["float32", "float16", "bfloat16"]
+Pooling = Literal["mean", "cls", "last"]
+
+MODEL_NAME_PATTERN = r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$"
+REVISION_PATTERN = r"^[0-9a-f]{40}$"
+DEVICE_PATTERN = r"^(cpu|cuda|cuda:[0-9]+)$"
+HUB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$"
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be used; the message names the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BatchingConfig(_Strict):
+    """Knobs of the per-model dynamic batcher (TEI-style)."""
+
+    max_batch_tokens: Annotated[int, Field(ge=1, le=1_048_576)] = 16384
+    max_batch_size: Annotated[int, Field(ge=1, le=4096)] = 64
+    max_wait_ms: Annotated[float, Field(ge=0, le=10_000)] = 2.0
+    max_queue: Annotated[int, Field(ge=1, le=1_000_000)] = 1024
+    max_inputs_per_request: Annotated[int, Field(ge=1, le=65536)] = 256
+    max_input_chars: Annotated[int, Field(ge=1)] = 200_000
+
+
+class ModelSpec(_Strict):
+    """One model the daemon holds. ``name`` is what clients ask for."""
+
+    name: Annotated[str, Field(pattern=MODEL_NAME_PATTERN)]
+    source: Annotated[str, Field(min_length=1)]
+    revision: Annotated[str | None, Field(pattern=REVISION_PATTERN)] = None
+    task: Task
+    dtype: DType = "float32"
+    device: Annotated[str, Field(pattern=DEVICE_PATTERN)] = "cpu"
+    pooling: Pooling = "mean"
+    normalize: bool = True
+    max_length: Annotated[int, Field(ge=1, le=1_048_576)] = 512
+    allow_missing: tuple[str, ...] = ()
+    allow_unexpected: tuple[str, ...] = ()
+    trust_remote_code: bool = False
+
+    @field_validator("allow_missing", "allow_unexpected")
+    @classmethod
+    def _regexes_compile(cls, patterns: tuple[str, ...]) -> tuple[str, ...]:
+        for p in patterns:
+            try:
+                re.compile(p)
+            except re.error as exc:
+                raise ValueError(f"invalid regular expression {p!r}: {exc}") from exc
+        return patterns
+
+    @model_validator(mode="after")
+    def _hub_ids_need_a_revision(self) -> ModelSpec:
+        if self.is_hub_id and self.revision is None:
+            raise ValueError(
+                f"source {self.source!r} is a hub id, so 'revision' must pin it to a commit "
+                "sha (40 hex characters); branch names and tags can move"
+            )
+        return self
+
+    @property
+    def is_hub_id(self) -> bool:
+        """A source is a local path if it is absolute or starts with ./ or ../."""
+        s = self.source
+        if s.startswith(("/", "./", "../")) or s in (".", ".."):
+            return False
+        return re.match(HUB_ID_PATTERN, s) is not None and "/" in s
+
+
+class DaemonConfig(_Strict):
+    """The whole file. ``model_root`` confines relative sources and hub caches."""
+
+    models: Annotated[tuple[ModelSpec, ...], Field(min_length=1)]
+    model_root: Path | None = None
+    batching: BatchingConfig = BatchingConfig()
+
+    @field_validator("models")
+    @classmethod
+    def _names_unique(cls, models: tuple[ModelSpec, ...]) -> tuple[ModelSpec, ...]:
+        seen: set[str] = set()
+        for m in models:
+            if m.name in seen:
+                raise ValueError(f"duplicate model name {m.name!r}: names must be unique")
+            seen.add(m.name)
+        return models
+
+    def model(self, name: str) -> ModelSpec:
+        for m in self.models:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+
+def _format_errors(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "<root>"
+        lines.append(f"  {loc}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def parse_config(data: object, *, origin: str = "<config>") -> DaemonConfig:
+    try:
+        return DaemonConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid configuration in {origin}:\n{_format_errors(exc)}") from None
+
+
+def load_config(path: str | Path) -> DaemonConfig:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration {p}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"configuration {p} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"configuration {p} must be a mapping with a 'models' list")
+    return parse_config(data, origin=str(p))

@@ -1,0 +1,195 @@
+"""The set of models a daemon holds, and the only way to get one.
+
+Guarantees (see seeds 000 and 003):
+- one load per model, whatever the number of callers: every caller of ``get``/``aget``
+  for a model that is not loaded waits on the same Future and receives the same object
+  or the same exception;
+- loads never overlap: they run one at a time on a single loader thread (and under the
+  process-wide lock in ``loader``), because transformers' loading patches process
+  globals;
+- a failed load is recorded, not cached forever: the next ``get`` retries it;
+- transformers and every model's config and class are resolved on the main thread, in
+  ``prepare()``, before any worker thread exists (the lazy-import race of seed 003).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from modelcache.config import DaemonConfig, ModelSpec
+from modelcache.daemon.errors import ModelLoadError
+from modelcache.daemon.loader import LoadedModel, PreparedModel, load_model, prepare_model
+
+log = logging.getLogger(__name__)
+
+
+class ModelState(enum.Enum):
+    PENDING = "pending"
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A point-in-time view of one configured model, safe to hand to other threads."""
+
+    spec: ModelSpec
+    state: ModelState
+    loaded: LoadedModel | None = None
+    error: str = ""
+    error_class: str = ""
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+
+Listener = Callable[[str, ModelState], None]
+
+
+class ModelRegistry:
+    def __init__(self, config: DaemonConfig) -> None:
+        self.config = config
+        self._lock = threading.Lock()
+        self._entries = {m.name: ModelEntry(spec=m, state=ModelState.PENDING) for m in config.models}
+        self._prepared: dict[str, PreparedModel | ModelLoadError] = {}
+        self._inflight: dict[str, Future[LoadedModel]] = {}
+        self._listeners: list[Listener] = []
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="modelcache-loader")
+        self.load_count: dict[str, int] = {m.name: 0 for m in config.models}
+
+    # -- set-up, main thread only ---------------------------------------------------
+    def prepare(self) -> None:
+        """Resolve files, configs and classes of every model on the calling thread.
+
+        A model that fails here is marked FAILED at once; the others are unaffected.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("ModelRegistry.prepare() must run on the main thread (seed 003)")
+        for spec in self.config.models:
+            try:
+                self._prepared[spec.name] = prepare_model(spec, self.config)
+            except ModelLoadError as exc:
+                self._prepared[spec.name] = exc
+                self._set(spec.name, state=ModelState.FAILED, error=exc.message,
+                          error_class=exc.error_class)
+
+    def add_listener(self, listener: Listener) -> None:
+        """Called (from the loader thread) on every state change, e.g. to update health."""
+        self._listeners.append(listener)
+
+    # -- queries --------------------------------------------------------------------
+    def names(self) -> list[str]:
+        return [m.name for m in self.config.models]
+
+    def entry(self, name: str) -> ModelEntry:
+        """Raises KeyError for a model that is not configured."""
+        with self._lock:
+            return self._entries[name]
+
+    def entries(self) -> list[ModelEntry]:
+        with self._lock:
+            return list(self._entries.values())
+
+    def ready(self, name: str) -> LoadedModel | None:
+        e = self.entry(name)
+        return e.loaded if e.state is ModelState.READY else None
+
+    # -- loading --------------------------------------------------------------------
+    def load_async(self, name: str) -> Future[LoadedModel]:
+        """The Future of the model's load; starts one only if none is running or done."""
+        with self._lock:
+            entry = self._entries[name]
+            if entry.state is ModelState.READY and entry.loaded is not None:
+                done: Future[LoadedModel] = Future()
+                done.set_result(entry.loaded)
+                return done
+            fut = self._inflight.get(name)
+            if fut is not None:
+                return fut
+            fut = Future()
+            self._inflight[name] = fut
+        self._executor.submit(self._run_load, name, fut)
+        return fut
+
+    def get(self, name: str, timeout: float | None = None) -> LoadedModel:
+        return self.load_async(name).result(timeout)
+
+    async def aget(self, name: str) -> LoadedModel:
+        return await asyncio.wrap_future(self.load_async(name))
+
+    def start_all(self) -> list[Future[LoadedModel]]:
+        """Queue a load of every configured model (in config order) and return at once."""
+        return [self.load_async(n) for n in self.names()]
+
+    def load_all(self) -> list[ModelEntry]:
+        """Load every model, wait, and return the final entries (failures included)."""
+        for fut in self.start_all():
+            try:
+                fut.result()
+            except ModelLoadError:
+                pass
+        return self.entries()
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def _run_load(self, name: str, fut: Future[LoadedModel]) -> None:
+        try:
+            prepared = self._prepared.get(name)
+            spec = self._entries[name].spec
+            if prepared is None or isinstance(prepared, ModelLoadError):
+                # Preparation failed (or never ran): try it again now, so that a model
+                # whose files appeared later can still come up on retry.
+                prepared = prepare_model(spec, self.config)
+                self._prepared[name] = prepared
+            self._set(name, state=ModelState.LOADING, error="", error_class="")
+            self.load_count[name] += 1
+            started = time.perf_counter()
+            loaded = load_model(prepared)
+            log.info("model %s ready in %.2fs (fingerprint %s)", name,
+                     time.perf_counter() - started, loaded.fingerprint[:16])
+            self._set(name, state=ModelState.READY, loaded=loaded,
+                      stage_seconds=dict(loaded.stage_seconds))
+            result: LoadedModel | BaseException = loaded
+        except ModelLoadError as exc:
+            log.error("model %s failed to load: %s", name, exc)
+            self._set(name, state=ModelState.FAILED, loaded=None, error=exc.message,
+                      error_class=exc.error_class)
+            result = exc
+        except BaseException as exc:  # noqa: BLE001 - a loader bug must fail the model, not hang callers
+            log.exception("model %s: unexpected loader error", name)
+            err = ModelLoadError("internal", f"{type(exc).__name__}: {exc}")
+            self._set(name, state=ModelState.FAILED, loaded=None, error=err.message,
+                      error_class=err.error_class)
+            result = err
+        with self._lock:
+            self._inflight.pop(name, None)
+        if isinstance(result, BaseException):
+            fut.set_exception(result)
+        else:
+            fut.set_result(result)
+
+    def _set(self, name: str, **changes: object) -> None:
+        with self._lock:
+            old = self._entries[name]
+            new = ModelEntry(
+                spec=old.spec,
+                state=changes.get("state", old.state),  # type: ignore[arg-type]
+                loaded=changes.get("loaded", old.loaded),  # type: ignore[arg-type]
+                error=changes.get("error", old.error),  # type: ignore[arg-type]
+                error_class=changes.get("error_class", old.error_class),  # type: ignore[arg-type]
+                stage_seconds=changes.get("stage_seconds", old.stage_seconds),  # type: ignore[arg-type]
+            )
+            self._entries[name] = new
+        if new.state is not old.state:
+            for listener in list(self._listeners):
+                try:
+                    listener(name, new.state)
+                except Exception:  # a broken listener must not break loading
+                    log.exception("registry listener failed")

@@ -1,0 +1,31 @@
+"""Process settings from the environment (prefix ``MODELCACHE_``) or CLI flags.
+
+What a model is lives in the config file (modelcache.config); how the process runs
+(ports, TLS, log level) lives here, so the operator can set it per pod through env.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class DaemonSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MODELCACHE_", extra="ignore")
+
+    config: Path | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(50051, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(9400, ge=0, le=65535)
+    log_level: str = "INFO"
+    # Optional TLS on the gRPC port; client_ca turns on mutual TLS.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    # Seconds between worker liveness checks.
+    watchdog_interval: float = Field(1.0, gt=0)
+    grpc_max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    grpc_threads: int = Field(16, ge=1)
