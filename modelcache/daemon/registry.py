@@ -15,6 +15,7 @@ Guarantees (see seeds 000 and 003):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import threading
@@ -56,7 +57,9 @@ class ModelRegistry:
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
         self._lock = threading.Lock()
-        self._entries = {m.name: ModelEntry(spec=m, state=ModelState.PENDING) for m in config.models}
+        self._entries = {
+            m.name: ModelEntry(spec=m, state=ModelState.PENDING) for m in config.models
+        }
         self._prepared: dict[str, PreparedModel | ModelLoadError] = {}
         self._inflight: dict[str, Future[LoadedModel]] = {}
         self._listeners: list[Listener] = []
@@ -130,10 +133,8 @@ class ModelRegistry:
     def load_all(self) -> list[ModelEntry]:
         """Load every model, wait, and return the final entries (failures included)."""
         for fut in self.start_all():
-            try:
+            with contextlib.suppress(ModelLoadError):
                 fut.result()
-            except ModelLoadError:
-                pass
         return self.entries()
 
     def close(self) -> None:
@@ -162,7 +163,7 @@ class ModelRegistry:
             self._set(name, state=ModelState.FAILED, loaded=None, error=exc.message,
                       error_class=exc.error_class)
             result = exc
-        except BaseException as exc:  # noqa: BLE001 - a loader bug must fail the model, not hang callers
+        except BaseException as exc:
             log.exception("model %s: unexpected loader error", name)
             err = ModelLoadError("internal", f"{type(exc).__name__}: {exc}")
             self._set(name, state=ModelState.FAILED, loaded=None, error=err.message,

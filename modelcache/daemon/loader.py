@@ -1,0 +1,176 @@
+"""Loading one model: resolve → read → materialize → verify → warmup, with metrics.
+
+``prepare_model`` (resolve) runs on the main thread; ``load_model`` runs the rest under
+the process-wide ``LOAD_LOCK``, bracketed by global-state checks (see globalstate). The
+result holds no reference to the checkpoint files: weights live in memory the process
+owns (see weights), so the files can be rewritten or deleted while the model serves.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+
+from modelcache.config import ModelSpec
+from modelcache.daemon import globalstate, verify
+from modelcache.daemon.errors import ModelLoadError
+from modelcache.daemon.materialize import assign_weights, construct
+from modelcache.daemon.resolve import PreparedModel, prepare_model
+from modelcache.daemon.weights import TensorInfo, read_shard
+from modelcache.metrics import (
+    BUILD_INFO,
+    META_TENSOR_ERRORS,
+    MODEL_LOAD_SECONDS,
+    MODEL_LOADED,
+    MODEL_LOADS,
+    MODEL_WEIGHT_BYTES,
+)
+
+__all__ = ["LoadedModel", "PreparedModel", "load_model", "prepare_model", "versions"]
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class LoadedModel:
+    spec: ModelSpec
+    model: Any  # transformers.PreTrainedModel, eval mode, grads off
+    tokenizer: Any
+    device: torch.device
+    dtype: torch.dtype
+    fingerprint: str
+    revision: str
+    weight_bytes: int
+    output_dims: int
+    path: Path
+    canary: str = ""
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+
+def versions() -> dict[str, str]:
+    try:
+        own = metadata.version("modelcache")
+    except metadata.PackageNotFoundError:
+        own = "unknown"
+    return {
+        "modelcache": own,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "cuda": torch.version.cuda or "none",
+    }
+
+
+def record_build_info() -> None:
+    v = versions()
+    BUILD_INFO.labels(version=v["modelcache"], torch=v["torch"], transformers=v["transformers"],
+                      python=v["python"], cuda=v["cuda"]).set(1)
+
+
+def _device(spec: ModelSpec) -> torch.device:
+    device = torch.device(spec.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError("device", f"device {spec.device} requested but CUDA is not "
+                                           "available on this node")
+        index = device.index or 0
+        if index >= torch.cuda.device_count():
+            raise ModelLoadError("device", f"device {spec.device} requested but this node has "
+                                           f"{torch.cuda.device_count()} GPU(s)")
+        device = torch.device("cuda", index)
+    return device
+
+
+def _weight_bytes(model: Any) -> int:
+    seen: dict[int, int] = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        seen[t.data_ptr()] = t.numel() * t.element_size()
+    return sum(seen.values())
+
+
+def _check_globals(name: str) -> None:
+    changed = globalstate.check_and_restore()
+    if changed:
+        META_TENSOR_ERRORS.labels(model=name, kind="global_state").inc()
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "model %s: process-global loader state was modified by someone else and has been "
+            "restored: %s", name, ", ".join(changed))
+
+
+def _load(prepared: PreparedModel, stages: dict[str, float]) -> LoadedModel:
+    spec = prepared.spec
+    device, dtype = _device(spec), DTYPES[spec.dtype]
+    clock = time.perf_counter()
+
+    ckpt: dict[str, torch.Tensor] = {}
+    files: dict[str, tuple[TensorInfo, Path]] = {}
+    for shard in prepared.shards:
+        ckpt.update(read_shard(shard))
+        files.update({t.name: (t, shard.path) for t in shard.tensors})
+    stages["read"], clock = time.perf_counter() - clock, time.perf_counter()
+
+    model = construct(prepared, device, dtype)
+    model_to_ckpt = assign_weights(model, prepared, ckpt, device)
+    del ckpt
+    model.eval()
+    model.requires_grad_(False)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    stages["materialize"], clock = time.perf_counter() - clock, time.perf_counter()
+
+    verify.check_placement(model, spec.name, device, dtype)
+    live = model.state_dict()
+    digest = verify.fingerprint({c: live[m] for m, c in model_to_ckpt.items()},
+                                {c: files[c] for c in model_to_ckpt.values()})
+    stages["verify"], clock = time.perf_counter() - clock, time.perf_counter()
+
+    canary = verify.canary(model, prepared.tokenizer, spec.task, device)
+    stages["warmup"] = time.perf_counter() - clock
+
+    text_cfg = prepared.config.get_text_config()
+    if spec.task == "causal-lm":
+        dims = int(model.get_output_embeddings().weight.shape[0])
+    else:
+        dims = int(getattr(text_cfg, "hidden_size", 0) or 0)
+    return LoadedModel(spec=spec, model=model, tokenizer=prepared.tokenizer, device=device,
+                       dtype=dtype, fingerprint=digest, revision=prepared.revision,
+                       weight_bytes=_weight_bytes(model), output_dims=dims, path=prepared.path,
+                       canary=canary, stage_seconds=stages)
+
+
+def load_model(prepared: PreparedModel) -> LoadedModel:
+    """Load, verify and warm up one prepared model. Raises ModelLoadError, counted."""
+    name = prepared.spec.name
+    stages = {"resolve": prepared.resolve_seconds}
+    started = time.perf_counter()
+    try:
+        with globalstate.LOAD_LOCK:
+            _check_globals(name)
+            try:
+                loaded = _load(prepared, stages)
+            finally:
+                _check_globals(name)
+    except ModelLoadError as exc:
+        MODEL_LOADS.labels(model=name, outcome=exc.error_class).inc()
+        MODEL_LOADED.labels(model=name).set(0)
+        raise
+    except (torch.OutOfMemoryError, MemoryError) as exc:
+        MODEL_LOADS.labels(model=name, outcome="out_of_memory").inc()
+        MODEL_LOADED.labels(model=name).set(0)
+        raise ModelLoadError("out_of_memory", f"out of memory while loading: {exc}") from None
+    stages["total"] = prepared.resolve_seconds + time.perf_counter() - started
+    for stage, seconds in stages.items():
+        MODEL_LOAD_SECONDS.labels(model=name, stage=stage).observe(seconds)
+    MODEL_LOADS.labels(model=name, outcome="success").inc()
+    MODEL_LOADED.labels(model=name).set(1)
+    MODEL_WEIGHT_BYTES.labels(model=name, device=str(loaded.device)).set(loaded.weight_bytes)
+    return loaded

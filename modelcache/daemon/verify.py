@@ -1,0 +1,114 @@
+"""Post-load checks: nothing on meta, everything where it should be, weights equal to the
+files, and a forward pass that is finite and deterministic.
+
+These run on every load. None of them "repairs" anything: the popular fix for meta
+tensors, ``to_empty()`` + ``reset_parameters()``, replaces pretrained weights with random
+ones while making the error go away (seed 001). A failed check fails the load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from modelcache.daemon.errors import ModelLoadError
+from modelcache.daemon.weights import TensorInfo, read_samples, sample_indices
+from modelcache.metrics import META_TENSOR_ERRORS
+
+CANARY_TEXT = "modelcache canary: the quick brown fox jumps over the lazy dog."
+
+
+def _names(items: list[str], limit: int = 8) -> str:
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def check_placement(model: torch.nn.Module, name: str, device: torch.device,
+                    dtype: torch.dtype) -> None:
+    """Every parameter and every buffer (persistent or not) is real, on the device, and
+    floating-point ones have the requested dtype.
+
+    Buffers matter: non-persistent ones (``position_ids``, rotary ``inv_freq``) are not in
+    checkpoints, and left on meta they give finite but wrong outputs (cos 0.01-0.10).
+    """
+    meta_params = [n for n, p in model.named_parameters(remove_duplicate=False) if p.is_meta]
+    meta_buffers = [n for n, b in model.named_buffers(remove_duplicate=False) if b.is_meta]
+    if meta_params:
+        META_TENSOR_ERRORS.labels(model=name, kind="parameter").inc(len(meta_params))
+    if meta_buffers:
+        META_TENSOR_ERRORS.labels(model=name, kind="buffer").inc(len(meta_buffers))
+    if meta_params or meta_buffers:
+        raise ModelLoadError(
+            "meta_tensor",
+            f"tensors left on the meta device (no data): parameters [{_names(meta_params)}] "
+            f"buffers [{_names(meta_buffers)}]; refusing to serve a model with random or "
+            "missing weights",
+        )
+    tensors: list[tuple[str, torch.Tensor]] = list(model.named_parameters(remove_duplicate=False))
+    tensors += list(model.named_buffers(remove_duplicate=False))
+    wrong_device = [n for n, t in tensors if t.device.type != device.type
+                    or (device.index is not None and t.device.index != device.index)]
+    if wrong_device:
+        raise ModelLoadError("verify_failed", f"tensors not on {device}: {_names(wrong_device)}")
+    wrong_dtype = [n for n, p in model.named_parameters() if p.is_floating_point()
+                   and p.dtype != dtype]
+    if wrong_dtype:
+        raise ModelLoadError("verify_failed", f"parameters not in {dtype}: {_names(wrong_dtype)}")
+
+
+def fingerprint(live: Mapping[str, torch.Tensor],
+                files: Mapping[str, tuple[TensorInfo, Path]]) -> str:
+    """Hash a deterministic sample of every checkpoint tensor, after checking that the
+    live model holds exactly what the file holds at those positions.
+
+    ``files`` maps checkpoint key -> (TensorInfo, path); samples are re-read from the file
+    with pread, so a buffer that went wrong anywhere between disk and device is caught.
+    """
+    h = hashlib.sha256()
+    mismatched: list[str] = []
+    for key in sorted(files):
+        info, path = files[key]
+        tensor = live[key]
+        idx = sample_indices(info.numel)
+        from_file = read_samples(info, path, idx)
+        if from_file.is_floating_point() and tensor.is_floating_point():
+            from_file = from_file.to(tensor.dtype)
+        got = tensor.detach().reshape(-1)[torch.tensor(idx, dtype=torch.long,
+                                                       device=tensor.device)].cpu()
+        if got.dtype != from_file.dtype or not torch.equal(
+                got.view(torch.uint8) if got.numel() else got,
+                from_file.view(torch.uint8) if from_file.numel() else from_file):
+            mismatched.append(key)
+            continue
+        h.update(key.encode())
+        h.update(repr((info.shape, str(got.dtype))).encode())
+        h.update(got.view(torch.uint8).numpy().tobytes() if got.numel() else b"")
+    if mismatched:
+        raise ModelLoadError(
+            "verify_failed",
+            f"live weights differ from the checkpoint files for [{_names(mismatched)}] (a file "
+            "changed during the load, a tied weight the checkpoint stores untied, or a "
+            "conversion bug)",
+        )
+    return h.hexdigest()
+
+
+def canary(model: torch.nn.Module, tokenizer: object, task: str, device: torch.device) -> str:
+    """Run a fixed input twice: outputs must be finite and bit-identical. Returns a digest."""
+    enc = tokenizer(CANARY_TEXT, return_tensors="pt")  # type: ignore[operator]
+    inputs = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask",
+                                                                  "token_type_ids")}
+    outs = []
+    with torch.inference_mode():
+        for _ in range(2):
+            out = model(**inputs)
+            t = out.logits if task == "causal-lm" else out.last_hidden_state
+            outs.append(t.float().cpu())
+    if not torch.isfinite(outs[0]).all():
+        raise ModelLoadError("verify_failed", "canary forward pass produced NaN or Inf")
+    if not torch.equal(outs[0], outs[1]):
+        raise ModelLoadError("verify_failed", "canary forward pass is not deterministic")
+    return hashlib.sha256(outs[0].numpy().tobytes()).hexdigest()
