@@ -1,0 +1,139 @@
+"""``modelcache download``: put a model on the model volume, verified, atomically.
+
+The daemon never downloads (HF_HUB_OFFLINE=1); the operator's init container runs this
+before the daemon starts. Files land in a temporary directory on the same filesystem,
+are checked (size and sha256 against the hub's metadata, or against the source for a
+local directory), described in ``.modelcache-manifest.json``, and only then renamed into
+place — a daemon never sees a partial or half-rewritten checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from modelcache.daemon.errors import ModelLoadError
+from modelcache.daemon.resolve import hub_dir
+
+MANIFEST = ".modelcache-manifest.json"
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*", "*.py"]
+
+
+def sha256_file(path: Path, bar: tqdm | None = None) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(8 * 1024 * 1024):
+            h.update(chunk)
+            if bar is not None:
+                bar.update(len(chunk))
+    return h.hexdigest()
+
+
+def _manifest(root: Path, source: str, revision: str | None) -> dict[str, Any]:
+    files = {}
+    paths = sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
+    total = sum(p.stat().st_size for p in paths)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="verify", leave=False) as bar:
+        for p in paths:
+            rel = p.relative_to(root).as_posix()
+            files[rel] = {"size": p.stat().st_size, "sha256": sha256_file(p, bar)}
+    if revision is None:
+        digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+        revision = "local-" + digest[:16]
+    return {"source": source, "revision": revision, "files": files}
+
+
+def _install(tmp: Path, dest: Path) -> None:
+    """Move a fully written and verified directory into place."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.exists():
+        old = dest.with_name(f".old-{dest.name}-{os.getpid()}")
+        os.rename(dest, old)
+        os.rename(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, dest)
+
+
+def _existing_ok(dest: Path) -> bool:
+    manifest = dest / MANIFEST
+    if not manifest.is_file():
+        return False
+    try:
+        recorded = json.loads(manifest.read_text())
+    except ValueError:
+        return False
+    fresh = _manifest(dest, recorded.get("source", ""), recorded.get("revision"))
+    return bool(fresh["files"] == recorded.get("files"))
+
+
+def _copy_local(source: Path, tmp: Path) -> None:
+    paths = sorted(p for p in source.rglob("*") if p.is_file() and p.name != MANIFEST)
+    total = sum(p.stat().st_size for p in paths)
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"copy {source.name}") as bar:
+        for p in paths:
+            target = tmp / p.relative_to(source)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with p.open("rb") as src, target.open("wb") as dst:
+                while chunk := src.read(8 * 1024 * 1024):
+                    dst.write(chunk)
+                    bar.update(len(chunk))
+                dst.flush()
+                os.fsync(dst.fileno())
+
+
+def _fetch_hub(repo_id: str, revision: str, tmp: Path) -> None:
+    """Download from the hub and check every file against the hub's own size/sha256."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
+    snapshot_download(repo_id, revision=revision, local_dir=str(tmp),
+                      allow_patterns=HUB_PATTERNS)
+    shutil.rmtree(tmp / ".cache", ignore_errors=True)
+    for sibling in info.siblings or []:
+        path = tmp / sibling.rfilename
+        if not path.is_file():
+            continue  # filtered out by HUB_PATTERNS
+        if sibling.size is not None and path.stat().st_size != sibling.size:
+            raise ModelLoadError("corrupt_weights", f"{sibling.rfilename}: size "
+                                 f"{path.stat().st_size} != {sibling.size} announced by the hub")
+        lfs = sibling.lfs
+        if lfs is not None and sha256_file(path) != lfs.sha256:
+            raise ModelLoadError("corrupt_weights", f"{sibling.rfilename}: sha256 mismatch")
+
+
+def download(source: str, to: Path, revision: str | None = None) -> Path:
+    """Fetch SOURCE (hub id + revision, or a local directory) into TO; return its path."""
+    local = Path(source)
+    if local.is_dir():
+        dest = to / local.resolve().name
+    else:
+        if revision is None:
+            raise ModelLoadError("bad_config", f"{source!r} is not a local directory, so it is "
+                                               "a hub id and needs --revision <commit sha>")
+        dest = hub_dir(to, source, revision)
+    if dest.is_dir() and _existing_ok(dest):
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-", dir=dest.parent))
+    try:
+        if local.is_dir():
+            _copy_local(local, tmp)
+        else:
+            assert revision is not None
+            _fetch_hub(source, revision, tmp)
+        manifest = _manifest(tmp, source, revision)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        os.chmod(tmp, 0o755)
+        _install(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
