@@ -53,11 +53,12 @@ def _preload(args: argparse.Namespace) -> int:
     record_build_info()
     entries = registry.load_all()
     registry.close()
-    rows = []
+    rows: list[dict[str, Any]] = []
     for e in entries:
         lm = e.loaded
         rows.append({
-            "name": e.spec.name, "task": e.spec.task, "device": str(lm.device) if lm else e.spec.device,
+            "name": e.spec.name, "task": e.spec.task,
+            "device": str(lm.device) if lm else e.spec.device,
             "dtype": e.spec.dtype, "bytes": lm.weight_bytes if lm else 0,
             "load_seconds": e.stage_seconds, "fingerprint": lm.fingerprint if lm else "",
             "revision": lm.revision if lm else (e.spec.revision or ""),

@@ -33,7 +33,14 @@ from modelcache.metrics import (
     MODEL_WEIGHT_BYTES,
 )
 
-__all__ = ["LoadedModel", "PreparedModel", "load_model", "prepare_model", "versions"]
+__all__ = [
+    "LoadedModel",
+    "PreparedModel",
+    "count_failure",
+    "load_model",
+    "prepare_model",
+    "versions",
+]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -147,6 +154,11 @@ def _load(prepared: PreparedModel, stages: dict[str, float]) -> LoadedModel:
                        canary=canary, stage_seconds=stages)
 
 
+def count_failure(name: str, error_class: str) -> None:
+    MODEL_LOADS.labels(model=name, outcome=error_class).inc()
+    MODEL_LOADED.labels(model=name).set(0)
+
+
 def load_model(prepared: PreparedModel) -> LoadedModel:
     """Load, verify and warm up one prepared model. Raises ModelLoadError, counted."""
     name = prepared.spec.name
@@ -160,12 +172,10 @@ def load_model(prepared: PreparedModel) -> LoadedModel:
             finally:
                 _check_globals(name)
     except ModelLoadError as exc:
-        MODEL_LOADS.labels(model=name, outcome=exc.error_class).inc()
-        MODEL_LOADED.labels(model=name).set(0)
+        count_failure(name, exc.error_class)
         raise
     except (torch.OutOfMemoryError, MemoryError) as exc:
-        MODEL_LOADS.labels(model=name, outcome="out_of_memory").inc()
-        MODEL_LOADED.labels(model=name).set(0)
+        count_failure(name, "out_of_memory")
         raise ModelLoadError("out_of_memory", f"out of memory while loading: {exc}") from None
     stages["total"] = prepared.resolve_seconds + time.perf_counter() - started
     for stage, seconds in stages.items():

@@ -26,7 +26,14 @@ from dataclasses import dataclass, field
 
 from modelcache.config import DaemonConfig, ModelSpec
 from modelcache.daemon.errors import ModelLoadError
-from modelcache.daemon.loader import LoadedModel, PreparedModel, load_model, prepare_model
+from modelcache.daemon.globalstate import LOAD_LOCK
+from modelcache.daemon.loader import (
+    LoadedModel,
+    PreparedModel,
+    count_failure,
+    load_model,
+    prepare_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +85,7 @@ class ModelRegistry:
             try:
                 self._prepared[spec.name] = prepare_model(spec, self.config)
             except ModelLoadError as exc:
+                count_failure(spec.name, exc.error_class)
                 self._prepared[spec.name] = exc
                 self._set(spec.name, state=ModelState.FAILED, error=exc.message,
                           error_class=exc.error_class)
@@ -127,8 +135,13 @@ class ModelRegistry:
         return await asyncio.wrap_future(self.load_async(name))
 
     def start_all(self) -> list[Future[LoadedModel]]:
-        """Queue a load of every configured model (in config order) and return at once."""
-        return [self.load_async(n) for n in self.names()]
+        """Queue a load of every configured model (in config order) and return at once.
+
+        Models that already failed in ``prepare()`` are left FAILED (a caller asking for one
+        by name retries it) so a broken model is reported once, not twice.
+        """
+        return [self.load_async(n) for n in self.names()
+                if self.entry(n).state is not ModelState.FAILED]
 
     def load_all(self) -> list[ModelEntry]:
         """Load every model, wait, and return the final entries (failures included)."""
@@ -147,7 +160,8 @@ class ModelRegistry:
             if prepared is None or isinstance(prepared, ModelLoadError):
                 # Preparation failed (or never ran): try it again now, so that a model
                 # whose files appeared later can still come up on retry.
-                prepared = prepare_model(spec, self.config)
+                with LOAD_LOCK:
+                    prepared = prepare_model(spec, self.config)
                 self._prepared[name] = prepared
             self._set(name, state=ModelState.LOADING, error="", error_class="")
             self.load_count[name] += 1

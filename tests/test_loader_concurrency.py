@@ -1,0 +1,172 @@
+"""One load per model whatever the callers; loads isolated from transformers' global races."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from pathlib import Path
+
+import pytest
+import tiny_models
+import torch
+from loader_helpers import load_one, metric, outputs, spec
+from transformers import initialization as hf_init
+
+from modelcache.config import parse_config
+from modelcache.daemon import globalstate
+from modelcache.daemon.errors import ModelLoadError
+from modelcache.daemon.registry import ModelRegistry, ModelState
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def test_64_threads_cause_exactly_one_load(tmp_path: Path) -> None:
+    path = tiny_models.gpt2(tmp_path / "gpt2", layers=4, width=256)
+    registry = ModelRegistry(parse_config({"models": [spec("m", path, "causal-lm")]}))
+    registry.prepare()
+    barrier = threading.Barrier(64)
+    results: list[object] = [None] * 64
+
+    def call(i: int) -> None:
+        barrier.wait()
+        results[i] = registry.get("m")
+
+    rss0 = _rss_bytes()
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(64)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert registry.load_count["m"] == 1
+    assert all(r is results[0] for r in results)
+    weight_bytes = results[0].weight_bytes  # type: ignore[attr-defined]
+    # One copy of the weights (plus allocator slack), not 64.
+    assert _rss_bytes() - rss0 < 4 * weight_bytes + 64 * 2**20
+    registry.close()
+
+
+def test_64_coroutines_cause_exactly_one_load(tmp_path: Path) -> None:
+    path = tiny_models.bert(tmp_path / "bert")
+    registry = ModelRegistry(parse_config({"models": [spec("m", path, "embedding")]}))
+    registry.prepare()
+
+    async def main() -> list[object]:
+        return await asyncio.gather(*(registry.aget("m") for _ in range(64)))
+
+    got = asyncio.run(main())
+    assert registry.load_count["m"] == 1 and all(g is got[0] for g in got)
+    registry.close()
+
+
+def test_failed_load_is_shared_then_retryable(tmp_path: Path) -> None:
+    path = tmp_path / "later"
+    registry = ModelRegistry(parse_config({"models": [spec("m", path, "embedding")]}))
+    registry.prepare()
+    assert registry.entry("m").state is ModelState.FAILED
+    with globalstate.LOAD_LOCK:  # keep the retry in flight while 16 callers arrive
+        futures = [registry.load_async("m") for _ in range(16)]
+    errors = {id(f.exception()) for f in futures}
+    assert len(errors) == 1  # everyone waiting got the same error object
+    assert isinstance(futures[0].exception(), ModelLoadError)
+    assert "does not exist" in str(futures[0].exception())
+    tiny_models.bert(path)  # the files arrive; the name is not poisoned
+    assert registry.get("m").spec.name == "m"
+    assert registry.entry("m").state is ModelState.READY
+    registry.close()
+
+
+def test_concurrent_mixed_dtype_models_get_their_own_dtype(tmp_path: Path) -> None:
+    models = []
+    for dtype in ("float32", "bfloat16", "float16"):
+        models.append(spec(dtype, tiny_models.llama(tmp_path / dtype), "causal-lm", dtype=dtype))
+    registry = ModelRegistry(parse_config({"models": models}))
+    registry.prepare()
+    out: dict[str, torch.dtype] = {}
+
+    def call(name: str) -> None:
+        lm = registry.get(name)
+        out[name] = next(iter({p.dtype for p in lm.model.parameters()}))
+
+    threads = [threading.Thread(target=call, args=(m["name"],)) for m in models for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert out == {"float32": torch.float32, "bfloat16": torch.bfloat16,
+                   "float16": torch.float16}
+    assert torch.get_default_dtype() == torch.float32
+    registry.close()
+
+
+def test_global_state_leaked_by_a_third_party_thread_is_restored_and_counted(
+        tmp_path: Path) -> None:
+    """What the racing from_pretrained calls leave behind (measured, issue #2): transformers'
+    own context managers entered and never exited, and the default dtype switched."""
+    path = tiny_models.gpt2(tmp_path / "gpt2")
+    reference = tiny_models.reference(path, "causal-lm")
+    inputs = tiny_models.encode(path)
+
+    leaked = []
+
+    def third_party() -> None:
+        for cm in (hf_init.no_init_weights(), hf_init.no_tie_weights(),
+                   hf_init.meta_device_safe_creation_ops()):
+            cm.__enter__()
+            leaked.append(cm)
+        torch.set_default_dtype(torch.bfloat16)
+
+    t = threading.Thread(target=third_party)
+    t.start()
+    t.join()
+    try:
+        before = metric("modelcache_meta_tensor_errors_total", model="m", kind="global_state")
+        entry = load_one(path, "causal-lm")
+        assert entry.state is ModelState.READY, entry.error
+        lm = entry.loaded
+        assert lm is not None
+        assert metric("modelcache_meta_tensor_errors_total", model="m",
+                      kind="global_state") == before + 1
+        # Restored: tying works, init functions are real, default dtype is back.
+        assert torch.get_default_dtype() == torch.float32
+        assert globalstate.check_and_restore() == []
+        assert (lm.model.get_output_embeddings().weight.data_ptr()
+                == lm.model.get_input_embeddings().weight.data_ptr())
+        assert torch.equal(outputs(lm.model, inputs, "causal-lm"),
+                           outputs(reference, inputs, "causal-lm"))
+    finally:
+        globalstate.check_and_restore()
+
+
+@pytest.mark.parametrize("n", [16])
+def test_racing_from_pretrained_threads_cannot_hurt_a_later_load(tmp_path: Path, n: int) -> None:
+    """Reproduce the race itself with transformers' from_pretrained in n threads, then load
+    through modelcache: whatever the race left, the load is correct."""
+    import transformers
+
+    path = tiny_models.gpt2(tmp_path / "gpt2")
+    dtypes = [torch.float32, torch.bfloat16, torch.float16]
+    barrier = threading.Barrier(n)
+
+    def race(i: int) -> None:
+        barrier.wait()
+        with contextlib.suppress(Exception):
+            transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=dtypes[i % 3])
+
+    threads = [threading.Thread(target=race, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        entry = load_one(path, "causal-lm")
+        assert entry.state is ModelState.READY, entry.error
+        ref_state = tiny_models.reference(path, "causal-lm").state_dict()
+        assert entry.loaded is not None
+        for k, v in entry.loaded.model.state_dict().items():
+            assert torch.equal(v, ref_state[k]), k
+    finally:
+        globalstate.check_and_restore()
