@@ -136,7 +136,7 @@ def read_shard(shard: Shard) -> dict[str, torch.Tensor]:
     the read), so the cost is the read itself.
     """
     buf = torch.empty(shard.size, dtype=torch.uint8)
-    view = memoryview(buf.numpy()).cast("B")
+    view = buf.numpy().data.cast("B")
     try:
         with shard.path.open("rb", buffering=0) as f:
             got = 0
