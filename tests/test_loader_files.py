@@ -158,3 +158,31 @@ def test_one_broken_model_does_not_stop_the_others(tmp_path: Path) -> None:
     assert states["broken"] == (ModelState.FAILED, "corrupt_weights")
     assert states["gpu"][0] is ModelState.FAILED
     assert states["gpu"][1] == ("device" if not torch.cuda.is_available() else states["gpu"][1])
+
+
+def test_out_of_memory_during_load_fails_that_model_only(tmp_path: Path) -> None:
+    """A config far larger than memory (under an address-space limit): reported, and the
+    other model still loads, in the same process."""
+    good = tiny_models.bert(tmp_path / "good")
+    huge = tiny_models.gpt2(tmp_path / "huge")
+    cfg = json.loads((huge / "config.json").read_text())
+    cfg.update(n_embd=8192, n_layer=64, n_head=64)  # ~200 GB of parameters
+    (huge / "config.json").write_text(json.dumps(cfg))
+    code = textwrap.dedent(f"""
+        import resource
+        resource.setrlimit(resource.RLIMIT_AS, (12 * 2**30, 12 * 2**30))
+        from modelcache.config import parse_config
+        from modelcache.daemon.registry import ModelRegistry
+        r = ModelRegistry(parse_config({{"models": [
+            {{"name": "huge", "source": {str(huge)!r}, "task": "causal-lm"}},
+            {{"name": "good", "source": {str(good)!r}, "task": "embedding"}}]}}))
+        r.prepare()
+        for e in r.load_all():
+            print(e.spec.name, e.state.value, e.error_class, e.error[:80])
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines())
+    assert lines["huge"].startswith("failed out_of_memory out of memory while loading")
+    assert lines["good"].startswith("ready")

@@ -177,6 +177,13 @@ def load_model(prepared: PreparedModel) -> LoadedModel:
     except (torch.OutOfMemoryError, MemoryError) as exc:
         count_failure(name, "out_of_memory")
         raise ModelLoadError("out_of_memory", f"out of memory while loading: {exc}") from None
+    except RuntimeError as exc:
+        # torch's CPU allocator reports exhaustion as a plain RuntimeError.
+        if "can't allocate memory" not in str(exc) and "out of memory" not in str(exc):
+            raise
+        count_failure(name, "out_of_memory")
+        first = str(exc).splitlines()[0]
+        raise ModelLoadError("out_of_memory", f"out of memory while loading: {first}") from None
     stages["total"] = prepared.resolve_seconds + time.perf_counter() - started
     for stage, seconds in stages.items():
         MODEL_LOAD_SECONDS.labels(model=name, stage=stage).observe(seconds)
