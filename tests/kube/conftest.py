@@ -1,0 +1,51 @@
+"""Fixtures for tests that need a real (local, 127.0.0.1-only) Kubernetes control plane.
+
+Mark such tests ``@pytest.mark.kube`` and use the session fixture ``kube_env``.
+Set MODELCACHE_KUBE_SKIP=1 to skip them instead of building/starting the control plane.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+from .cluster import (
+    KubeEnv,
+    control_plane_running,
+    ensure_control_plane,
+    run_script,
+    stop_control_plane,
+)
+
+_build_error: BaseException | None = None
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    # The first build takes ~6 minutes: do it here, outside the per-test timeout that
+    # would otherwise also cover the setup of the session fixture.
+    global _build_error
+    if session.config.option.collectonly or os.environ.get("MODELCACHE_KUBE_SKIP"):
+        return
+    if not any(item.get_closest_marker("kube") for item in session.items):
+        return
+    try:
+        run_script("build")
+    except (subprocess.SubprocessError, OSError) as exc:
+        _build_error = exc
+
+
+@pytest.fixture(scope="session")
+def kube_env() -> Iterator[KubeEnv]:
+    if os.environ.get("MODELCACHE_KUBE_SKIP"):
+        pytest.skip("MODELCACHE_KUBE_SKIP is set")
+    if _build_error is not None:
+        raise RuntimeError("hack/kube-control-plane.sh build failed") from _build_error
+    was_running = control_plane_running()
+    env = ensure_control_plane()
+    yield env
+    # Leave a control plane that someone else started running; stop the one we started.
+    if not was_running and not os.environ.get("MODELCACHE_KUBE_KEEP_RUNNING"):
+        stop_control_plane()
