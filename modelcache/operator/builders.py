@@ -1,0 +1,267 @@
+"""Pure builders of a ModelCache's children: ConfigMap, PersistentVolumeClaim, Service, Deployment.
+
+Each takes the validated spec and the owner's identity and returns a plain manifest dict; no
+API calls, so every field is unit-tested without a cluster and a reconcile either has all
+four manifests or none (no partial children). The daemon config is rendered through the
+daemon's own parser (``parse_config``), so the operator cannot write a file the daemon
+refuses. Two hashes drive rollouts: ``config-hash`` (the config file's bytes, which the pod
+template does not otherwise contain) and ``template-hash`` (the whole pod template), which
+tells pods of the current spec from pods of an older one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from modelcache.config import DaemonConfig, parse_config
+from modelcache.operator.containers import (
+    CONFIG_FILE,
+    DAEMON,
+    daemon_container,
+    download_containers,
+)
+from modelcache.operator.spec import API_VERSION, KIND, ModelCacheSpec
+
+Manifest = dict[str, Any]
+
+CONFIG_HASH = "modelcache.io/config-hash"
+TEMPLATE_HASH = "modelcache.io/template-hash"
+RUN_AS = 10001  # any non-root uid: the image must not depend on it (HOME is /tmp)
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The ModelCache the children belong to (their owner reference and names)."""
+
+    name: str
+    namespace: str
+    uid: str
+
+    def reference(self) -> dict[str, Any]:
+        return {
+            "apiVersion": API_VERSION,
+            "kind": KIND,
+            "name": self.name,
+            "uid": self.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+
+
+def selector_labels(name: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "modelcache",
+        "app.kubernetes.io/instance": name,
+        "app.kubernetes.io/component": DAEMON,
+    }
+
+
+def common_labels(name: str) -> dict[str, str]:
+    return {
+        **selector_labels(name),
+        "app.kubernetes.io/part-of": "modelcache",
+        "app.kubernetes.io/managed-by": "modelcache-operator",
+    }
+
+
+def config_map_name(name: str) -> str:
+    return f"{name}-config"
+
+
+def pvc_name(name: str) -> str:
+    return f"{name}-models"
+
+
+def digest(data: object) -> str:
+    """A short stable hash of JSON-able data (sorted keys)."""
+    raw = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def _meta(owner: Owner, name: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": owner.namespace,
+        "labels": common_labels(owner.name),
+        "ownerReferences": [owner.reference()],
+    }
+
+
+def render_config(spec: ModelCacheSpec) -> DaemonConfig:
+    """The daemon's config for this spec, validated by the daemon's own parser."""
+    return parse_config(
+        {
+            "models": [m.model_dump(mode="json") for m in spec.models],
+            "model_root": spec.storage.mount_path,
+            "batching": spec.batching.model_dump(mode="json"),
+        },
+        origin="spec.models",
+    )
+
+
+def config_text(spec: ModelCacheSpec) -> str:
+    return yaml.safe_dump(render_config(spec).model_dump(mode="json"), sort_keys=True)
+
+
+def config_hash(spec: ModelCacheSpec) -> str:
+    return hashlib.sha256(config_text(spec).encode()).hexdigest()[:16]
+
+
+def endpoint(owner: Owner, spec: ModelCacheSpec, cluster_domain: str) -> str:
+    """A gRPC target that resolves to every ready pod (headless Service) for client-side LB."""
+    return f"dns:///{owner.name}.{owner.namespace}.svc.{cluster_domain}:{spec.ports.grpc}"
+
+
+def build_configmap(spec: ModelCacheSpec, owner: Owner) -> Manifest:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(owner, config_map_name(owner.name)),
+        "data": {CONFIG_FILE: config_text(spec)},
+    }
+
+
+def build_pvc(spec: ModelCacheSpec, owner: Owner) -> Manifest | None:
+    """The model volume's claim, when the spec asks the operator to create one."""
+    pvc = spec.storage.pvc
+    if pvc is None:
+        return None
+    body: dict[str, Any] = {
+        "accessModes": list(pvc.access_modes),
+        "resources": {"requests": {"storage": pvc.size}},
+    }
+    if pvc.storage_class_name is not None:
+        body["storageClassName"] = pvc.storage_class_name
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": _meta(owner, pvc_name(owner.name)),
+        "spec": body,
+    }
+
+
+def build_service(spec: ModelCacheSpec, owner: Owner) -> Manifest:
+    """Headless: DNS returns every ready pod, so gRPC clients balance across replicas."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(owner, owner.name),
+        "spec": {
+            "clusterIP": "None",
+            "selector": selector_labels(owner.name),
+            "publishNotReadyAddresses": False,
+            "ports": [
+                {
+                    "name": "grpc",
+                    "port": spec.ports.grpc,
+                    "targetPort": "grpc",
+                    "protocol": "TCP",
+                    "appProtocol": "grpc",
+                },
+                {
+                    "name": "metrics",
+                    "port": spec.ports.metrics,
+                    "targetPort": "metrics",
+                    "protocol": "TCP",
+                    "appProtocol": "http",
+                },
+            ],
+        },
+    }
+
+
+def _model_volume(spec: ModelCacheSpec, owner: Owner) -> Manifest:
+    s = spec.storage
+    if s.pvc is not None:
+        return {"name": "models", "persistentVolumeClaim": {"claimName": pvc_name(owner.name)}}
+    if s.existing_claim is not None:
+        return {"name": "models", "persistentVolumeClaim": {"claimName": s.existing_claim}}
+    if s.host_path is not None:
+        return {"name": "models", "hostPath": {"path": s.host_path.path, "type": s.host_path.type}}
+    empty: dict[str, Any] = {}
+    if s.empty_dir is not None and s.empty_dir.size_limit is not None:
+        empty["sizeLimit"] = s.empty_dir.size_limit
+    return {"name": "models", "emptyDir": empty}
+
+
+def build_pod_template(spec: ModelCacheSpec, owner: Owner) -> Manifest:
+    pod: dict[str, Any] = {
+        "automountServiceAccountToken": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS,
+            "runAsGroup": RUN_AS,
+            "fsGroup": RUN_AS,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "terminationGracePeriodSeconds": 30,
+        "initContainers": download_containers(spec),
+        "containers": [daemon_container(spec)],
+        "volumes": [
+            _model_volume(spec, owner),
+            {"name": "config", "configMap": {"name": config_map_name(owner.name)}},
+            {"name": "tmp", "emptyDir": {}},
+        ],
+    }
+    optional = {
+        "serviceAccountName": spec.service_account_name,
+        "nodeSelector": spec.node_selector or None,
+        "tolerations": [t.model_dump(by_alias=True, exclude_none=True) for t in spec.tolerations]
+        or None,
+        "affinity": spec.affinity,
+        "imagePullSecrets": [{"name": s.name} for s in spec.image_pull_secrets] or None,
+    }
+    pod.update({k: v for k, v in optional.items() if v is not None})
+    template = {
+        "metadata": {
+            "labels": common_labels(owner.name),
+            "annotations": {CONFIG_HASH: config_hash(spec)},
+        },
+        "spec": pod,
+    }
+    template["metadata"]["annotations"][TEMPLATE_HASH] = digest(template)
+    return template
+
+
+def template_hash(spec: ModelCacheSpec, owner: Owner) -> str:
+    """The pod template's hash: pods carrying it run the current spec."""
+    return str(build_pod_template(spec, owner)["metadata"]["annotations"][TEMPLATE_HASH])
+
+
+def build_deployment(spec: ModelCacheSpec, owner: Owner) -> Manifest:
+    template = build_pod_template(spec, owner)
+    if spec.update_strategy == "Recreate":
+        strategy: dict[str, Any] = {"type": "Recreate"}
+    else:  # keep serving during a rollout: a new pod must download and load first
+        strategy = {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
+    meta = _meta(owner, owner.name)
+    meta["annotations"] = {CONFIG_HASH: template["metadata"]["annotations"][CONFIG_HASH]}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": meta,
+        "spec": {
+            "replicas": spec.replicas,
+            "revisionHistoryLimit": 3,
+            "selector": {"matchLabels": selector_labels(owner.name)},
+            "strategy": strategy,
+            "progressDeadlineSeconds": 1800,
+            "template": template,
+        },
+    }
+
+
+def build_children(spec: ModelCacheSpec, owner: Owner) -> list[Manifest]:
+    """Every child, in the order to apply them (the Deployment last: its pods need the rest)."""
+    pvc = build_pvc(spec, owner)
+    return [
+        build_configmap(spec, owner),
+        *([pvc] if pvc else []),
+        build_service(spec, owner),
+        build_deployment(spec, owner),
+    ]

@@ -1,0 +1,212 @@
+"""The ModelCache resource's spec as pydantic models: the operator's input edge.
+
+The API server's OpenAPI schema (deploy/helm/modelcache/files/crd-modelcaches.yaml) rejects
+malformed specs and fills in defaults; what it cannot check (unique model names, a GPU
+device without a GPU, ``:latest`` images, regexes that do not compile, equal ports) is
+checked here, with messages that name the field and say what to change. ``models[]`` and
+``batching`` reuse the daemon's own config classes, field names included, so a daemon config's
+model list pastes into a ModelCache unchanged and the two can never drift apart.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.alias_generators import to_camel
+
+from modelcache.config import BatchingConfig, ModelSpec
+
+GROUP = "modelcache.io"
+VERSION = "v1alpha1"
+PLURAL = "modelcaches"
+KIND = "ModelCache"
+API_VERSION = f"{GROUP}/{VERSION}"
+GPU_RESOURCE = "nvidia.com/gpu"
+
+# Kubernetes resource.Quantity, as the API server's own OpenAPI schema writes it.
+QUANTITY_PATTERN = (
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|"
+    r"([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+# An image reference that ends in a tag or a digest (":latest" is refused separately).
+IMAGE_PATTERN = r"^[^\s@]+(@sha256:[0-9a-f]{64}|:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})$"
+# The ModelCache name becomes a Service name: a DNS-1035 label, short enough for suffixes.
+NAME_PATTERN = r"^[a-z]([-a-z0-9]{0,50}[a-z0-9])?$"
+DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
+
+
+class SpecError(ValueError):
+    """A spec that the schema accepted but the operator cannot use; says what to fix."""
+
+
+class _CamelModel(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, alias_generator=to_camel, populate_by_name=True
+    )
+
+
+class Ports(_CamelModel):
+    grpc: Annotated[int, Field(ge=1, le=65535)] = 50051
+    metrics: Annotated[int, Field(ge=1, le=65535)] = 9400
+
+
+class PvcStorage(_CamelModel):
+    size: Annotated[str, Field(pattern=QUANTITY_PATTERN)]
+    storage_class_name: str | None = None
+    access_modes: tuple[Literal["ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany"], ...] = (
+        "ReadWriteOnce",
+    )
+
+
+class HostPathStorage(_CamelModel):
+    path: Annotated[str, Field(pattern=r"^/")]
+    type: Literal["DirectoryOrCreate", "Directory"] = "DirectoryOrCreate"
+
+
+class EmptyDirStorage(_CamelModel):
+    size_limit: Annotated[str | None, Field(pattern=QUANTITY_PATTERN)] = None
+
+
+class Storage(_CamelModel):
+    """Where the model volume comes from: exactly one of the four kinds."""
+
+    mount_path: Annotated[str, Field(pattern=r"^/[^:]*$")] = "/models"
+    pvc: PvcStorage | None = None
+    existing_claim: Annotated[str | None, Field(pattern=DNS_LABEL_PATTERN)] = None
+    host_path: HostPathStorage | None = None
+    empty_dir: EmptyDirStorage | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Storage:
+        kinds = [
+            k
+            for k in ("pvc", "existing_claim", "host_path", "empty_dir")
+            if getattr(self, k) is not None
+        ]
+        if len(kinds) != 1:
+            raise ValueError(
+                "set exactly one of pvc, existingClaim, hostPath, emptyDir "
+                f"(got {', '.join(kinds) or 'none'})"
+            )
+        return self
+
+
+class Resources(_CamelModel):
+    limits: dict[str, int | str] = {}
+    requests: dict[str, int | str] = {}
+
+    def gpus(self) -> int:
+        value = self.limits.get(GPU_RESOURCE, 0)
+        return int(value) if str(value).isdigit() else 0
+
+
+class Toleration(_CamelModel):
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] | None = None
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = None
+
+
+class NameRef(_CamelModel):
+    name: Annotated[str, Field(min_length=1)]
+
+
+class SecretKeyRef(_CamelModel):
+    name: Annotated[str, Field(min_length=1)]
+    key: Annotated[str, Field(min_length=1)] = "token"
+
+
+class ModelCacheSpec(_CamelModel):
+    models: Annotated[tuple[ModelSpec, ...], Field(min_length=1, max_length=64)]
+    image: Annotated[str, Field(pattern=IMAGE_PATTERN)]
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    image_pull_secrets: tuple[NameRef, ...] = ()
+    replicas: Annotated[int, Field(ge=0, le=64)] = 1
+    update_strategy: Literal["RollingUpdate", "Recreate"] = "RollingUpdate"
+    resources: Resources = Resources()
+    node_selector: dict[str, str] = {}
+    tolerations: tuple[Toleration, ...] = ()
+    affinity: dict[str, Any] | None = None
+    service_account_name: Annotated[str | None, Field(pattern=DNS_LABEL_PATTERN)] = None
+    storage: Storage = Storage(empty_dir=EmptyDirStorage())
+    ports: Ports = Ports()
+    batching: BatchingConfig = BatchingConfig()
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    hf_token_secret: SecretKeyRef | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_devices(cls, data: Any) -> Any:
+        """A model without ``device`` runs on the GPU when the pod gets one, else on cpu."""
+        if not isinstance(data, dict) or not isinstance(data.get("models"), list):
+            return data
+        limits = (data.get("resources") or {}).get("limits") or {}
+        device = "cuda" if str(limits.get(GPU_RESOURCE, "0")) not in ("0", "") else "cpu"
+        models = [
+            {**m, "device": device} if isinstance(m, dict) and "device" not in m else m
+            for m in data["models"]
+        ]
+        return {**data, "models": models}
+
+    @model_validator(mode="after")
+    def _deeper_checks(self) -> ModelCacheSpec:
+        seen: dict[str, int] = {}
+        for i, m in enumerate(self.models):
+            if m.name in seen:
+                raise ValueError(
+                    f"models[{i}].name {m.name!r} repeats models[{seen[m.name]}]."
+                    "name: model names must be unique"
+                )
+            seen[m.name] = i
+            if m.device.startswith("cuda"):
+                gpus = self.resources.gpus()
+                index = int(m.device.split(":")[1]) if ":" in m.device else 0
+                if index >= gpus:
+                    raise ValueError(
+                        f"models[{i}].device is {m.device} but resources.limits requests "
+                        f"{gpus} {GPU_RESOURCE}: set resources.limits['{GPU_RESOURCE}'] to "
+                        f"at least {index + 1}, or set device: cpu"
+                    )
+        if self.image.endswith(":latest"):
+            raise ValueError(
+                f"image {self.image!r} uses the moving tag 'latest': pin a version "
+                "tag or a digest (@sha256:...) so every replica runs the same code"
+            )
+        if self.ports.grpc == self.ports.metrics:
+            raise ValueError(
+                f"ports.grpc and ports.metrics are both {self.ports.grpc}: they must differ"
+            )
+        return self
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    out = "spec"
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return out
+
+
+def parse_spec(name: str, spec: object) -> ModelCacheSpec:
+    """Validate a ModelCache's name and spec; SpecError lists every problem, one a line."""
+    problems = []
+    if not re.match(NAME_PATTERN, name):
+        problems.append(
+            f"metadata.name {name!r}: must be a DNS-1035 label of at most 52 "
+            "characters (lower-case letters, digits, '-'; starting with a letter)"
+        )
+    try:
+        parsed = ModelCacheSpec.model_validate(spec)
+    except ValidationError as exc:
+        for err in exc.errors():
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["loc"]:
+                problems.append(f"{_loc(tuple(err['loc']))}: {msg}")
+            else:  # a cross-field check: the message starts with the field's path
+                problems.append(f"spec.{msg}")
+        raise SpecError("\n".join(problems)) from None
+    if problems:
+        raise SpecError("\n".join(problems))
+    return parsed

@@ -1,0 +1,419 @@
+"""The operator's pure parts without a cluster: spec checks, the CRD file kept in step with
+the pydantic models, and every child manifest the builders produce."""
+
+from __future__ import annotations
+
+import typing
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from modelcache import cli
+from modelcache.config import (
+    DEVICE_PATTERN,
+    MODEL_NAME_PATTERN,
+    REVISION_PATTERN,
+    BatchingConfig,
+    ModelSpec,
+    parse_config,
+)
+from modelcache.operator import builders, containers
+from modelcache.operator.aggregate import ModelStatus
+from modelcache.operator.builders import Owner
+from modelcache.operator.spec import (
+    IMAGE_PATTERN,
+    QUANTITY_PATTERN,
+    ModelCacheSpec,
+    SpecError,
+    parse_spec,
+)
+from modelcache.operator.status import CacheStatus, Condition
+
+ROOT = Path(__file__).resolve().parents[1]
+FILES = ROOT / "deploy" / "helm" / "modelcache" / "files"
+SHA = "0123456789abcdef0123456789abcdef01234567"
+OWNER = Owner(name="cache", namespace="ns1", uid="uid-1")
+
+
+def crd_schema() -> dict[str, Any]:
+    crd = yaml.safe_load((FILES / "crd-modelcaches.yaml").read_text())
+    schema: dict[str, Any] = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    return schema
+
+
+def spec_dict(**extra: Any) -> dict[str, Any]:
+    return {
+        "image": "registry.example/modelcache:0.1.0",
+        "models": [
+            {"name": "minilm", "source": "org/minilm", "revision": SHA, "task": "embedding"},
+            {"name": "local.one", "source": "tiny", "task": "causal-lm"},
+        ],
+        **extra,
+    }
+
+
+def spec(**extra: Any) -> ModelCacheSpec:
+    return parse_spec("cache", spec_dict(**extra))
+
+
+# --- the CRD file and the pydantic models describe the same resource --------------------
+def test_crd_models_items_mirror_the_daemon_model_spec() -> None:
+    items = crd_schema()["properties"]["spec"]["properties"]["models"]["items"]
+    props = items["properties"]
+    assert set(props) == set(ModelSpec.model_fields)
+    assert props["name"]["pattern"] == MODEL_NAME_PATTERN
+    assert props["revision"]["pattern"] == REVISION_PATTERN
+    assert props["device"]["pattern"] == DEVICE_PATTERN
+    for field in ("task", "dtype", "pooling"):
+        literal = ModelSpec.model_fields[field].annotation
+        assert props[field]["enum"] == list(typing.get_args(literal)), field
+    for field, info in ModelSpec.model_fields.items():
+        if "default" in props[field]:
+            assert props[field]["default"] == info.default, field
+    assert set(items["required"]) == {
+        n for n, f in ModelSpec.model_fields.items() if f.is_required()
+    }
+
+
+def test_crd_batching_mirrors_the_daemon_batching_config() -> None:
+    props = crd_schema()["properties"]["spec"]["properties"]["batching"]["properties"]
+    assert set(props) == set(BatchingConfig.model_fields)
+    for name, info in BatchingConfig.model_fields.items():
+        assert props[name]["default"] == info.default, name
+        bounds = {type(m).__name__: m for m in info.metadata}
+        if "Ge" in bounds:
+            assert props[name]["minimum"] == bounds["Ge"].ge, name
+        if "Le" in bounds:
+            assert props[name]["maximum"] == bounds["Le"].le, name
+
+
+def test_crd_spec_and_status_mirror_the_operator_models() -> None:
+    schema = crd_schema()
+    spec_props = schema["properties"]["spec"]["properties"]
+    assert set(spec_props) == {f.alias for f in ModelCacheSpec.model_fields.values()}
+    assert spec_props["image"]["pattern"] == IMAGE_PATTERN
+    assert (
+        spec_props["storage"]["properties"]["pvc"]["properties"]["size"]["pattern"]
+        == QUANTITY_PATTERN
+    )
+    status = schema["properties"]["status"]["properties"]
+    assert set(status) == {f.alias for f in CacheStatus.model_fields.values()}
+    assert set(status["models"]["items"]["properties"]) == {
+        f.alias for f in ModelStatus.model_fields.values()
+    }
+    assert set(status["conditions"]["items"]["properties"]) == {
+        f.alias for f in Condition.model_fields.values()
+    }
+
+
+def _walk(node: dict[str, Any], path: str) -> list[str]:
+    """Paths of schema nodes that are not structural (no type, and no escape hatch)."""
+    bad = []
+    if not (
+        {"type", "x-kubernetes-int-or-string", "x-kubernetes-preserve-unknown-fields"} & set(node)
+    ):
+        bad.append(path)
+    for name, child in (node.get("properties") or {}).items():
+        bad += _walk(child, f"{path}.{name}")
+    for key in ("items", "additionalProperties"):
+        if isinstance(node.get(key), dict):
+            bad += _walk(node[key], f"{path}[{key}]")
+    return bad
+
+
+def test_crd_schema_is_structural_with_printer_columns() -> None:
+    assert _walk(crd_schema(), "") == []
+    crd = yaml.safe_load((FILES / "crd-modelcaches.yaml").read_text())
+    version = crd["spec"]["versions"][0]
+    assert version["subresources"] == {"status": {}}
+    columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
+    assert columns["Ready"] == ".status.readyModels"
+    assert columns["Replicas"] == ".status.readyReplicas"
+    assert columns["Phase"] == ".status.phase"
+    assert columns["Age"] == ".metadata.creationTimestamp"
+    assert crd["spec"]["names"]["shortNames"] == ["mc"]
+
+
+def test_example_resource_is_a_valid_spec() -> None:
+    example = yaml.safe_load((ROOT / "examples" / "modelcache-minilm.yaml").read_text())
+    parsed = parse_spec(example["metadata"]["name"], example["spec"])
+    assert parsed.models[0].is_hub_id and parsed.storage.pvc is not None
+
+
+# --- deeper checks: what the schema cannot say, said clearly --------------------------
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (
+            {
+                "models": [
+                    {"name": "a", "source": "x", "task": "embedding"},
+                    {"name": "a", "source": "y", "task": "embedding"},
+                ]
+            },
+            "spec.models[1].name 'a' repeats models[0].name",
+        ),
+        (
+            {"models": [{"name": "a", "source": "x", "task": "embedding", "device": "cuda"}]},
+            "set resources.limits['nvidia.com/gpu'] to at least 1",
+        ),
+        (
+            {
+                "models": [{"name": "a", "source": "x", "task": "embedding", "device": "cuda:1"}],
+                "resources": {"limits": {"nvidia.com/gpu": 1}},
+            },
+            "at least 2",
+        ),
+        ({"image": "registry.example/modelcache:latest"}, "moving tag 'latest'"),
+        ({"ports": {"grpc": 9000, "metrics": 9000}}, "ports.grpc and ports.metrics are both 9000"),
+        (
+            {"models": [{"name": "a", "source": "org/x", "task": "embedding"}]},
+            "spec.models[0]: source 'org/x' is a hub id, so 'revision' must pin it",
+        ),
+        (
+            {"models": [{"name": "a", "source": "x", "task": "embedding", "allow_missing": ["("]}]},
+            "spec.models[0].allow_missing",
+        ),
+        (
+            {"storage": {"pvc": {"size": "1Gi"}, "hostPath": {"path": "/x"}}},
+            "set exactly one of pvc, existingClaim, hostPath, emptyDir",
+        ),
+    ],
+)
+def test_deeper_checks_say_what_to_fix(change: dict[str, Any], expected: str) -> None:
+    with pytest.raises(SpecError) as info:
+        parse_spec("cache", {**spec_dict(), **change})
+    assert expected in str(info.value)
+
+
+def test_bad_name_is_reported_with_the_spec_problems() -> None:
+    with pytest.raises(SpecError) as info:
+        parse_spec("Cache_1", {**spec_dict(), "image": "x:latest"})
+    assert "metadata.name 'Cache_1'" in str(info.value)
+    assert "latest" in str(info.value)
+
+
+def test_devices_default_to_the_gpu_when_the_pod_gets_one() -> None:
+    assert {m.device for m in spec().models} == {"cpu"}
+    gpu = spec(resources={"limits": {"nvidia.com/gpu": 1}})
+    assert {m.device for m in gpu.models} == {"cuda"}
+    pinned = parse_spec(
+        "cache",
+        {
+            **spec_dict(resources={"limits": {"nvidia.com/gpu": "2"}}),
+            "models": [{"name": "a", "source": "x", "task": "embedding", "device": "cuda:1"}],
+        },
+    )
+    assert pinned.models[0].device == "cuda:1"
+
+
+# --- children ---------------------------------------------------------------------------
+def test_configmap_is_a_config_the_daemon_accepts() -> None:
+    s = spec(storage={"mountPath": "/data/models", "emptyDir": {}}, batching={"max_batch_size": 8})
+    cm = builders.build_configmap(s, OWNER)
+    loaded = parse_config(yaml.safe_load(cm["data"]["config.yaml"]))
+    assert [m.name for m in loaded.models] == ["minilm", "local.one"]
+    assert str(loaded.model_root) == "/data/models"
+    assert loaded.batching.max_batch_size == 8
+    assert loaded.models[0].revision == SHA
+    assert cm["metadata"]["name"] == "cache-config"
+
+
+def test_every_child_has_owner_reference_labels_and_namespace() -> None:
+    s = spec(storage={"pvc": {"size": "5Gi", "storageClassName": "fast"}})
+    kids = builders.build_children(s, OWNER)
+    assert [k["kind"] for k in kids] == [
+        "ConfigMap",
+        "PersistentVolumeClaim",
+        "Service",
+        "Deployment",
+    ]
+    for k in kids:
+        meta = k["metadata"]
+        assert meta["namespace"] == "ns1"
+        assert meta["ownerReferences"] == [
+            {
+                "apiVersion": "modelcache.io/v1alpha1",
+                "kind": "ModelCache",
+                "name": "cache",
+                "uid": "uid-1",
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ]
+        assert meta["labels"]["app.kubernetes.io/instance"] == "cache"
+        assert meta["labels"]["app.kubernetes.io/managed-by"] == "modelcache-operator"
+
+
+def test_deployment_downloads_hub_models_and_serves_offline_read_only() -> None:
+    s = spec()
+    dep = builders.build_deployment(s, OWNER)
+    pod = dep["spec"]["template"]["spec"]
+    inits = pod["initContainers"]
+    assert len(inits) == 1  # only the hub model; "tiny" is a path on the volume
+    assert inits[0]["command"] == [
+        "modelcache",
+        "download",
+        "org/minilm",
+        "--revision",
+        SHA,
+        "--to",
+        "/models",
+    ]
+    assert containers.download_model_index(inits[0]["name"]) == 0
+    assert {"name": "models", "mountPath": "/models"} in inits[0]["volumeMounts"]
+    daemon = pod["containers"][0]
+    env = {e["name"]: e.get("value") for e in daemon["env"]}
+    assert env["HF_HUB_OFFLINE"] == "1" and env["TRANSFORMERS_OFFLINE"] == "1"
+    mounts = {m["name"]: m for m in daemon["volumeMounts"]}
+    assert mounts["models"] == {"name": "models", "mountPath": "/models", "readOnly": True}
+    assert mounts["config"]["mountPath"] + "/config.yaml" in daemon["command"]
+    assert {v["name"]: v for v in pod["volumes"]}["config"]["configMap"]["name"] == "cache-config"
+    assert daemon["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod["automountServiceAccountToken"] is False
+    # selector, template labels and the Service agree
+    selector = dep["spec"]["selector"]["matchLabels"]
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert selector.items() <= labels.items()
+    svc = builders.build_service(s, OWNER)
+    assert svc["spec"]["selector"] == selector and svc["spec"]["clusterIP"] == "None"
+    assert [p["port"] for p in svc["spec"]["ports"]] == [50051, 9400]
+
+
+def test_built_commands_are_accepted_by_the_real_cli() -> None:
+    """The init and daemon containers run `modelcache ...`: the CLI must parse them."""
+    dep = builders.build_deployment(spec(ports={"grpc": 6000, "metrics": 6001}), OWNER)
+    pod = dep["spec"]["template"]["spec"]
+    serve = cli.parser().parse_args(pod["containers"][0]["command"][1:])
+    assert (serve.command, serve.port, serve.metrics_port, serve.host) == (
+        "serve",
+        6000,
+        6001,
+        "0.0.0.0",
+    )
+    download = cli.parser().parse_args(pod["initContainers"][0]["command"][1:])
+    assert (download.source, download.revision, download.to) == ("org/minilm", SHA, "/models")
+
+
+def test_container_names_are_dns_labels_for_any_model_name() -> None:
+    name = "a" * 40 + ".b_c" + "d" * 19
+    s = parse_spec(
+        "cache",
+        {
+            **spec_dict(),
+            "models": [
+                {"name": name, "source": "org/x", "revision": SHA, "task": "embedding"},
+                {"name": "b", "source": "org/y", "revision": SHA, "task": "embedding"},
+            ],
+        },
+    )
+    inits = builders.build_deployment(s, OWNER)["spec"]["template"]["spec"]["initContainers"]
+    for i, c in enumerate(inits):
+        assert len(c["name"]) <= 63 and "." not in c["name"] and "_" not in c["name"]
+        assert containers.download_model_index(c["name"]) == i
+
+
+def test_scheduling_gpu_and_secrets_reach_the_pod() -> None:
+    s = spec(
+        resources={"limits": {"nvidia.com/gpu": 1, "memory": "8Gi"}, "requests": {"cpu": "2"}},
+        nodeSelector={"gpu": "a100"},
+        tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        affinity={"nodeAffinity": {"x": 1}},
+        imagePullSecrets=[{"name": "regcred"}],
+        hfTokenSecret={"name": "hf"},
+        updateStrategy="Recreate",
+        replicas=3,
+    )
+    dep = builders.build_deployment(s, OWNER)
+    pod = dep["spec"]["template"]["spec"]
+    assert pod["containers"][0]["resources"] == {
+        "limits": {"nvidia.com/gpu": 1, "memory": "8Gi"},
+        "requests": {"cpu": "2"},
+    }
+    assert pod["nodeSelector"] == {"gpu": "a100"}
+    assert pod["tolerations"] == [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    ]
+    assert pod["affinity"] == {"nodeAffinity": {"x": 1}}
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+    token = [e for e in pod["initContainers"][0]["env"] if e["name"] == "HF_TOKEN"]
+    assert token == [
+        {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}
+    ]
+    assert dep["spec"]["strategy"] == {"type": "Recreate"} and dep["spec"]["replicas"] == 3
+    assert yaml.safe_load(builders.config_text(s))["models"][0]["device"] == "cuda"
+
+
+@pytest.mark.parametrize(
+    ("storage", "volume"),
+    [
+        ({"existingClaim": "shared"}, {"persistentVolumeClaim": {"claimName": "shared"}}),
+        (
+            {"hostPath": {"path": "/var/cache/models"}},
+            {"hostPath": {"path": "/var/cache/models", "type": "DirectoryOrCreate"}},
+        ),
+        ({"emptyDir": {"sizeLimit": "10Gi"}}, {"emptyDir": {"sizeLimit": "10Gi"}}),
+        ({"pvc": {"size": "1Gi"}}, {"persistentVolumeClaim": {"claimName": "cache-models"}}),
+    ],
+)
+def test_model_volume_kinds(storage: dict[str, Any], volume: dict[str, Any]) -> None:
+    s = spec(storage=storage)
+    pod = builders.build_deployment(s, OWNER)["spec"]["template"]["spec"]
+    assert {v["name"]: v for v in pod["volumes"]}["models"] == {"name": "models", **volume}
+    pvc = builders.build_pvc(s, OWNER)
+    assert (pvc is not None) == ("pvc" in storage)
+
+
+def test_pvc_manifest() -> None:
+    pvc = builders.build_pvc(spec(storage={"pvc": {"size": "20Gi", "storageClassName": ""}}), OWNER)
+    assert pvc is not None
+    assert pvc["spec"] == {
+        "accessModes": ["ReadWriteOnce"],
+        "storageClassName": "",
+        "resources": {"requests": {"storage": "20Gi"}},
+    }
+
+
+def test_hashes_are_stable_and_roll_the_pods_on_a_model_change() -> None:
+    a, b = spec(), spec()
+    assert builders.build_children(a, OWNER) == builders.build_children(b, OWNER)
+    t1 = builders.build_deployment(a, OWNER)["spec"]["template"]["metadata"]["annotations"]
+    changed = parse_spec("cache", {**spec_dict(), "models": spec_dict()["models"][:1]})
+    t2 = builders.build_deployment(changed, OWNER)["spec"]["template"]["metadata"]["annotations"]
+    assert t1[builders.CONFIG_HASH] != t2[builders.CONFIG_HASH]
+    assert t1[builders.TEMPLATE_HASH] != t2[builders.TEMPLATE_HASH]
+    # a pod-template-only change (resources) keeps the config but changes the template
+    t3 = builders.build_deployment(spec(resources={"requests": {"cpu": "1"}}), OWNER)["spec"][
+        "template"
+    ]["metadata"]["annotations"]
+    assert t3[builders.CONFIG_HASH] == t1[builders.CONFIG_HASH]
+    assert t3[builders.TEMPLATE_HASH] != t1[builders.TEMPLATE_HASH]
+    assert builders.template_hash(a, OWNER) == t1[builders.TEMPLATE_HASH]
+
+
+def test_endpoint_is_a_dns_target_for_client_side_balancing() -> None:
+    assert (
+        builders.endpoint(OWNER, spec(), "cluster.local")
+        == "dns:///cache.ns1.svc.cluster.local:50051"
+    )
+
+
+def test_rbac_rules_are_least_privilege() -> None:
+    rules = yaml.safe_load((FILES / "operator-rbac-rules.yaml").read_text())
+    granted = {
+        (g, r, v)
+        for rule in rules
+        for g in rule["apiGroups"]
+        for r in rule["resources"]
+        for v in rule["verbs"]
+    }
+    assert not any("*" in item for item in granted)
+    assert not any(r in ("secrets", "pods/exec", "nodes") for _, r, _ in granted)
+    assert not any(
+        v in ("delete", "deletecollection", "escalate", "bind", "impersonate")
+        for _, _, v in granted
+    )
+    assert ("", "pods", "list") in granted
+    assert ("modelcache.io", "modelcaches/status", "patch") in granted
