@@ -1,0 +1,1 @@
+"""Helpers and data of the chart, alert, dashboard and Prometheus tests."""
