@@ -161,7 +161,9 @@ def test_cancelled_and_expired_requests_are_not_computed(make: Any, compute: Dou
     cancelled = submit(b, [77])
     expired = submit(b, [78], deadline=time.monotonic() - 1)
     kept = submit(b, [79])
-    cancelled.cancel()
+    assert b._depth._value.get() == 3
+    b.cancel(cancelled)
+    assert b._depth._value.get() == 2
     compute.release.set()
     assert kept.future.result(10) == [158]
     with pytest.raises(DeadlineExpired):

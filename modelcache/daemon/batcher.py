@@ -87,7 +87,7 @@ class Job:
     cancelled: bool = False
 
     def cancel(self) -> None:
-        """The client went away: drop whatever has not been computed yet."""
+        """Mark abandoned: the worker skips whatever has not been computed yet."""
         self.cancelled = True
         self.future.cancel()
 
@@ -230,6 +230,14 @@ class Batcher:
             self._depth.set(len(self._pending))
             self._cond.notify()
         return job
+
+    def cancel(self, job: Job) -> None:
+        """The client went away (cancelled, or its deadline passed): drop its sequences
+        from the queue now; any already in a running batch finish and are discarded."""
+        job.cancel()
+        with self._cond:
+            self._pending = [s for s in self._pending if s.job is not job]
+            self._depth.set(len(self._pending))
 
     # -- worker ----------------------------------------------------------------------
     def _run(self) -> None:

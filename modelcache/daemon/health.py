@@ -1,0 +1,162 @@
+"""grpc.health.v1 from model states and batch-worker liveness, plus the worker watchdog.
+
+Health services: ``""`` (and ``modelcache.v1.ModelCache``, its alias) is SERVING only when
+every configured model is READY with a live worker; ``"<model>"`` is SERVING when that
+model is. Kubernetes readiness probes the overall service; a client that needs one model
+watches that model's service.
+
+Statuses are always computed on the event loop at the moment they are published, from
+the registry and the batchers, so updates triggered from the loader thread, the watchdog
+and dying workers can never publish an out-of-date snapshot over a newer one.
+
+The watchdog restarts a worker whose thread ended (its in-flight requests were already
+failed by the worker itself): it publishes NOT_SERVING, waits until that is published,
+then restarts the worker (counted in modelcache_worker_restarts) or, after more than
+``MAX_RESTARTS`` deaths within ``RESTART_WINDOW_S``, fails the batcher: its requests get
+FAILED_PRECONDITION with the reason and the model stays NOT_SERVING, rather than a
+poisoned model crash-looping forever. It wakes at once when a worker dies and
+also every ``watchdog_interval`` seconds, when it samples device memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+from grpc_health.v1 import health, health_pb2
+
+from modelcache.daemon.registry import ModelRegistry, ModelState
+from modelcache.daemon.servicer import SERVICE, ServedModel
+from modelcache.metrics import DEVICE_MEMORY_BYTES, WORKER_RESTARTS
+
+log = logging.getLogger(__name__)
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+Served = Callable[[], dict[str, ServedModel]]
+MAX_RESTARTS = 5
+RESTART_WINDOW_S = 60.0
+
+
+class HealthReporter:
+    def __init__(self, servicer: health.aio.HealthServicer, registry: ModelRegistry,
+                 served: Served, loop: asyncio.AbstractEventLoop) -> None:
+        self.servicer, self.registry, self.served, self.loop = servicer, registry, served, loop
+        self.closed = False
+
+    def statuses(self) -> dict[str, int]:
+        served = self.served()
+        out: dict[str, int] = {}
+        for e in self.registry.entries():
+            s = served.get(e.spec.name)
+            ok = e.state is ModelState.READY and s is not None and s.batcher.healthy()
+            out[e.spec.name] = SERVING if ok else NOT_SERVING
+        overall = SERVING if all(v == SERVING for v in out.values()) else NOT_SERVING
+        out[health.OVERALL_HEALTH] = out[SERVICE] = overall
+        return out
+
+    async def publish(self) -> None:
+        for service, status in self.statuses().items():
+            await self.servicer.set(service, status)
+
+    def refresh(self) -> concurrent.futures.Future[None] | None:
+        """Publish from any thread; the returned future completes once published."""
+        if self.closed:
+            return None
+        try:
+            return asyncio.run_coroutine_threadsafe(self.publish(), self.loop)
+        except RuntimeError:  # the loop is closed: the server is gone
+            return None
+
+    async def shutdown(self) -> None:
+        self.closed = True
+        await self.servicer.enter_graceful_shutdown()
+
+
+def sample_device_memory(devices: set[str]) -> None:
+    """modelcache_device_memory_bytes: process RSS, and per CUDA device its allocator."""
+    try:
+        with open("/proc/self/statm") as f:
+            rss_pages = int(f.read().split()[1])
+        DEVICE_MEMORY_BYTES.labels("cpu", "rss").set(rss_pages * os.sysconf("SC_PAGE_SIZE"))
+    except (OSError, ValueError, IndexError):
+        pass
+    for dev in sorted(d for d in devices if d.startswith("cuda")):
+        d = torch.device(dev)
+        DEVICE_MEMORY_BYTES.labels(dev, "allocated").set(torch.cuda.memory_allocated(d))
+        DEVICE_MEMORY_BYTES.labels(dev, "reserved").set(torch.cuda.memory_reserved(d))
+        DEVICE_MEMORY_BYTES.labels(dev, "total").set(torch.cuda.get_device_properties(d)
+                                                     .total_memory)
+
+
+class Watchdog:
+    def __init__(self, served: Served, reporter: HealthReporter, interval: float) -> None:
+        self.served, self.reporter, self.interval = served, reporter, interval
+        self._wake = threading.Event()
+        self._deaths: dict[str, list[float]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="modelcache-watchdog",
+                                        daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wake(self) -> None:
+        """Called by a dying worker (from its own thread)."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.interval)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self.check()
+            except Exception:  # the watchdog itself must survive anything
+                log.exception("watchdog check failed")
+
+    def check(self) -> None:
+        served = self.served()
+        for name, s in served.items():
+            if not s.batcher.dead():
+                continue
+            log.error("model %s: batch worker died (%s)", name, s.batcher.last_death)
+            self._publish_and_wait()  # NOT_SERVING is visible before the restart
+            self.restart(name, s)
+            self.reporter.refresh()
+        sample_device_memory({str(s.compute.device) for s in served.values()})
+
+    def restart(self, name: str, served: ServedModel) -> bool:
+        """Restart a dead worker, or fail its batcher when it died too often."""
+        now = time.monotonic()
+        deaths = [t for t in self._deaths.get(name, []) if now - t < RESTART_WINDOW_S] + [now]
+        self._deaths[name] = deaths
+        if len(deaths) > MAX_RESTARTS:
+            served.batcher.fail_permanently(
+                f"its batch worker died {len(deaths)} times in {RESTART_WINDOW_S:.0f}s; "
+                f"last: {served.batcher.last_death}")
+            return False
+        WORKER_RESTARTS.labels(model=name).inc()
+        served.batcher.start()
+        log.warning("model %s: batch worker restarted", name)
+        return True
+
+    def _publish_and_wait(self) -> None:
+        fut = self.reporter.refresh()
+        if fut is not None:
+            try:
+                fut.result(timeout=5.0)
+            except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
+                log.warning("health update did not complete within 5s")
