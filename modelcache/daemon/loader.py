@@ -8,6 +8,7 @@ owns (see weights), so the files can be rewritten or deleted while the model ser
 
 from __future__ import annotations
 
+import logging
 import platform
 import time
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ import transformers
 from modelcache.config import ModelSpec
 from modelcache.daemon import globalstate, verify
 from modelcache.daemon.errors import ModelLoadError
-from modelcache.daemon.materialize import assign_weights, construct
+from modelcache.daemon.materialize import assign_weights, construct, param_dtypes
 from modelcache.daemon.resolve import PreparedModel, prepare_model
 from modelcache.daemon.weights import TensorInfo, read_shard
 from modelcache.metrics import (
@@ -41,6 +42,8 @@ __all__ = [
     "prepare_model",
     "versions",
 ]
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -96,9 +99,11 @@ def _device(spec: ModelSpec) -> torch.device:
 
 
 def _weight_bytes(model: Any) -> int:
+    """Bytes of the storages the model holds (a view keeps its whole storage alive)."""
     seen: dict[int, int] = {}
     for t in list(model.parameters()) + list(model.buffers()):
-        seen[t.data_ptr()] = t.numel() * t.element_size()
+        s = t.untyped_storage()
+        seen[s.data_ptr()] = s.nbytes()
     return sum(seen.values())
 
 
@@ -106,9 +111,7 @@ def _check_globals(name: str) -> None:
     changed = globalstate.check_and_restore()
     if changed:
         META_TENSOR_ERRORS.labels(model=name, kind="global_state").inc()
-        import logging
-
-        logging.getLogger(__name__).warning(
+        log.warning(
             "model %s: process-global loader state was modified by someone else and has been "
             "restored: %s", name, ", ".join(changed))
 
@@ -125,8 +128,8 @@ def _load(prepared: PreparedModel, stages: dict[str, float]) -> LoadedModel:
         files.update({t.name: (t, shard.path) for t in shard.tensors})
     stages["read"], clock = time.perf_counter() - clock, time.perf_counter()
 
-    model = construct(prepared, device, dtype)
-    model_to_ckpt = assign_weights(model, prepared, ckpt, device)
+    model = construct(prepared)
+    model_to_ckpt = assign_weights(model, prepared, ckpt, device, dtype)
     del ckpt
     model.eval()
     model.requires_grad_(False)
@@ -134,7 +137,7 @@ def _load(prepared: PreparedModel, stages: dict[str, float]) -> LoadedModel:
         torch.cuda.synchronize(device)
     stages["materialize"], clock = time.perf_counter() - clock, time.perf_counter()
 
-    verify.check_placement(model, spec.name, device, dtype)
+    verify.check_placement(model, spec.name, device, param_dtypes(model, dtype))
     live = model.state_dict()
     digest = verify.fingerprint({c: live[m] for m, c in model_to_ckpt.items()},
                                 {c: files[c] for c in model_to_ckpt.values()})
@@ -177,13 +180,16 @@ def load_model(prepared: PreparedModel) -> LoadedModel:
     except (torch.OutOfMemoryError, MemoryError) as exc:
         count_failure(name, "out_of_memory")
         raise ModelLoadError("out_of_memory", f"out of memory while loading: {exc}") from None
-    except RuntimeError as exc:
+    except Exception as exc:
+        first = (str(exc).splitlines() or [""])[0]
         # torch's CPU allocator reports exhaustion as a plain RuntimeError.
-        if "can't allocate memory" not in str(exc) and "out of memory" not in str(exc):
-            raise
-        count_failure(name, "out_of_memory")
-        first = str(exc).splitlines()[0]
-        raise ModelLoadError("out_of_memory", f"out of memory while loading: {first}") from None
+        if isinstance(exc, RuntimeError) and ("can't allocate memory" in str(exc)
+                                              or "out of memory" in str(exc)):
+            count_failure(name, "out_of_memory")
+            raise ModelLoadError("out_of_memory",
+                                 f"out of memory while loading: {first}") from None
+        count_failure(name, "internal")
+        raise ModelLoadError("internal", f"{type(exc).__name__}: {first}") from None
     stages["total"] = prepared.resolve_seconds + time.perf_counter() - started
     for stage, seconds in stages.items():
         MODEL_LOAD_SECONDS.labels(model=name, stage=stage).observe(seconds)

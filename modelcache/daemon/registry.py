@@ -60,6 +60,18 @@ class ModelEntry:
 Listener = Callable[[str, ModelState], None]
 
 
+def _prepare(spec: ModelSpec, config: DaemonConfig) -> PreparedModel:
+    """prepare_model with every unexpected exception turned into a classified failure:
+    a malformed config.json must fail that model, not the daemon."""
+    try:
+        return prepare_model(spec, config)
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        first = (str(exc).splitlines() or [""])[0]
+        raise ModelLoadError("bad_config", f"{type(exc).__name__}: {first}") from None
+
+
 class ModelRegistry:
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
@@ -70,6 +82,7 @@ class ModelRegistry:
         self._prepared: dict[str, PreparedModel | ModelLoadError] = {}
         self._inflight: dict[str, Future[LoadedModel]] = {}
         self._listeners: list[Listener] = []
+        self._running: set[str] = set()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="modelcache-loader")
         self.load_count: dict[str, int] = {m.name: 0 for m in config.models}
 
@@ -83,7 +96,7 @@ class ModelRegistry:
             raise RuntimeError("ModelRegistry.prepare() must run on the main thread (seed 003)")
         for spec in self.config.models:
             try:
-                self._prepared[spec.name] = prepare_model(spec, self.config)
+                self._prepared[spec.name] = _prepare(spec, self.config)
             except ModelLoadError as exc:
                 count_failure(spec.name, exc.error_class)
                 self._prepared[spec.name] = exc
@@ -124,15 +137,23 @@ class ModelRegistry:
             if fut is not None:
                 return fut
             fut = Future()
+            # RUNNING at once: one waiter giving up (a cancelled coroutine, a timeout) must
+            # not cancel the load for everybody else.
+            fut.set_running_or_notify_cancel()
             self._inflight[name] = fut
-        self._executor.submit(self._run_load, name, fut)
+        try:
+            self._executor.submit(self._run_load, name, fut)
+        except RuntimeError:  # executor shut down: the registry is closed
+            with self._lock:
+                self._inflight.pop(name, None)
+            fut.set_exception(ModelLoadError("internal", "the daemon is shutting down"))
         return fut
 
     def get(self, name: str, timeout: float | None = None) -> LoadedModel:
         return self.load_async(name).result(timeout)
 
     async def aget(self, name: str) -> LoadedModel:
-        return await asyncio.wrap_future(self.load_async(name))
+        return await asyncio.shield(asyncio.wrap_future(self.load_async(name)))
 
     def start_all(self) -> list[Future[LoadedModel]]:
         """Queue a load of every configured model (in config order) and return at once.
@@ -151,44 +172,66 @@ class ModelRegistry:
         return self.entries()
 
     def close(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        """Stop loading: queued loads are dropped and their waiters get an error at once;
+        a load already running finishes in the background (it cannot be interrupted)."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            pending = [(n, f) for n, f in self._inflight.items() if n not in self._running]
+            for name, _ in pending:
+                self._inflight.pop(name, None)
+        for _, fut in pending:
+            if not fut.done():
+                fut.set_exception(ModelLoadError("internal", "the daemon is shutting down"))
 
     def _run_load(self, name: str, fut: Future[LoadedModel]) -> None:
+        result: LoadedModel | BaseException
         try:
-            prepared = self._prepared.get(name)
-            spec = self._entries[name].spec
-            if prepared is None or isinstance(prepared, ModelLoadError):
-                # Preparation failed (or never ran): try it again now, so that a model
-                # whose files appeared later can still come up on retry.
-                with LOAD_LOCK:
-                    prepared = prepare_model(spec, self.config)
-                self._prepared[name] = prepared
-            self._set(name, state=ModelState.LOADING, error="", error_class="")
-            self.load_count[name] += 1
-            started = time.perf_counter()
-            loaded = load_model(prepared)
-            log.info("model %s ready in %.2fs (fingerprint %s)", name,
-                     time.perf_counter() - started, loaded.fingerprint[:16])
-            self._set(name, state=ModelState.READY, loaded=loaded,
-                      stage_seconds=dict(loaded.stage_seconds))
-            result: LoadedModel | BaseException = loaded
+            result = self._load(name)
         except ModelLoadError as exc:
             log.error("model %s failed to load: %s", name, exc)
             self._set(name, state=ModelState.FAILED, loaded=None, error=exc.message,
                       error_class=exc.error_class)
-            result = exc
-        except BaseException as exc:
+            # Drop the traceback: its frames hold the half-built model and checkpoint,
+            # which must be freed now (GPU memory for the retry), not at the next GC.
+            result = exc.with_traceback(None)
+        except BaseException as exc:  # a loader bug must fail the model, never hang callers
             log.exception("model %s: unexpected loader error", name)
-            err = ModelLoadError("internal", f"{type(exc).__name__}: {exc}")
-            self._set(name, state=ModelState.FAILED, loaded=None, error=err.message,
-                      error_class=err.error_class)
-            result = err
+            count_failure(name, "internal")
+            result = ModelLoadError("internal", f"{type(exc).__name__}: {exc}")
+            self._set(name, state=ModelState.FAILED, loaded=None, error=result.message,
+                      error_class=result.error_class)
         with self._lock:
             self._inflight.pop(name, None)
+            self._running.discard(name)
         if isinstance(result, BaseException):
             fut.set_exception(result)
         else:
             fut.set_result(result)
+        del result
+
+    def _load(self, name: str) -> LoadedModel:
+        with self._lock:
+            self._running.add(name)
+        prepared = self._prepared.get(name)
+        if prepared is None or isinstance(prepared, ModelLoadError):
+            # Preparation failed (or never ran): try again now, so that a model whose
+            # files appeared later can come up on retry.
+            with LOAD_LOCK:
+                try:
+                    prepared = _prepare(self._entries[name].spec, self.config)
+                except ModelLoadError as exc:
+                    count_failure(name, exc.error_class)
+                    raise
+            self._prepared[name] = prepared
+        self._set(name, state=ModelState.LOADING, error="", error_class="")
+        self.load_count[name] += 1
+        started = time.perf_counter()
+        loaded = load_model(prepared)
+        log.info("model %s ready in %.2fs (fingerprint %s)", name,
+                 time.perf_counter() - started, loaded.fingerprint[:16])
+        self._set(name, state=ModelState.READY, loaded=loaded,
+                  stage_seconds=dict(loaded.stage_seconds))
+        return loaded
 
     def _set(self, name: str, **changes: object) -> None:
         with self._lock:

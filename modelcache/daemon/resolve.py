@@ -116,7 +116,8 @@ def _model_class(spec: ModelSpec, hf_config: Any, path: Path) -> type:
         if name in auto_map:
             from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
-            cls: type = get_class_from_dynamic_module(auto_map[name], str(path))
+            cls: type = get_class_from_dynamic_module(auto_map[name], str(path),
+                                                      local_files_only=True)
             return cls
     mapping = _AUTO_CLASSES[spec.task]._model_mapping  # type: ignore[attr-defined]
     try:

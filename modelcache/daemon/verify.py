@@ -28,7 +28,7 @@ def _names(items: list[str], limit: int = 8) -> str:
 
 
 def check_placement(model: torch.nn.Module, name: str, device: torch.device,
-                    dtype: torch.dtype) -> None:
+                    dtypes: Mapping[str, torch.dtype] | torch.dtype) -> None:
     """Every parameter and every buffer (persistent or not) is real, on the device, and
     floating-point ones have the requested dtype.
 
@@ -54,10 +54,15 @@ def check_placement(model: torch.nn.Module, name: str, device: torch.device,
                     or (device.index is not None and t.device.index != device.index)]
     if wrong_device:
         raise ModelLoadError("verify_failed", f"tensors not on {device}: {_names(wrong_device)}")
-    wrong_dtype = [n for n, p in model.named_parameters() if p.is_floating_point()
-                   and p.dtype != dtype]
+    def expected(n: str) -> torch.dtype:
+        return dtypes if isinstance(dtypes, torch.dtype) else dtypes.get(n, torch.float32)
+
+    wrong_dtype = [f"{n} ({p.dtype}, expected {expected(n)})"
+                   for n, p in model.named_parameters() if p.is_floating_point()
+                   and p.dtype != expected(n)]
     if wrong_dtype:
-        raise ModelLoadError("verify_failed", f"parameters not in {dtype}: {_names(wrong_dtype)}")
+        raise ModelLoadError("verify_failed", f"parameters in the wrong dtype: "
+                                              f"{_names(wrong_dtype)}")
 
 
 def fingerprint(live: Mapping[str, torch.Tensor],

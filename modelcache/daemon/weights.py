@@ -116,7 +116,12 @@ def find_shards(model_dir: Path) -> list[Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (OSError, ValueError, KeyError) as exc:
             raise _corrupt(index, f"unreadable shard index ({exc})") from None
-        return [model_dir / name for name in sorted(set(weight_map.values()))]
+        shards = []
+        for name in sorted(set(weight_map.values())):
+            if not isinstance(name, str) or "/" in name or "\\" in name or name in ("", ".", ".."):
+                raise _corrupt(index, f"shard name {name!r} is not a plain file name")
+            shards.append(model_dir / name)
+        return shards
     if single.is_file():
         return [single]
     if any(model_dir.glob("*.bin")) or any(model_dir.glob("*.pt")):
