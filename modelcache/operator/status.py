@@ -58,10 +58,23 @@ class CacheStatus(_Camel):
     models: tuple[ModelStatus, ...] = ()
 
     def to_patch(self) -> dict[str, Any]:
-        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+        """The status as JSON, without empty values: an empty string means "not set" here,
+        and leaving it out keeps stored statuses small and comparable."""
+        out: dict[str, Any] = _drop_empty(
+            self.model_dump(by_alias=True, exclude_none=True, mode="json")
+        )
+        return out
 
     def condition(self, kind: str) -> Condition | None:
         return next((c for c in self.conditions if c.type == kind), None)
+
+
+def _drop_empty(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_empty(v) for k, v in value.items() if v != ""}
+    if isinstance(value, list):
+        return [_drop_empty(v) for v in value]
+    return value
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,183 @@
+"""kopf handlers: thin wrappers that run one convergence and report it.
+
+create, update, resume and the status timer all call ``Reconciler.converge``; the handlers
+only translate its outcome into a status patch, Events and metrics, and API errors into
+kopf retries. Operator-wide settings (peering, persistence, Events, the metrics endpoint)
+are set once, in the startup handler.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import random
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+import kubernetes
+from kubernetes.client.exceptions import ApiException
+from prometheus_client import start_http_server
+
+from modelcache.metrics import (
+    OPERATOR_BUILD_INFO,
+    OPERATOR_MANAGED,
+    OPERATOR_REGISTRY,
+    RECONCILE,
+    RECONCILE_DURATION,
+    python_version,
+)
+from modelcache.operator.kubeapi import Kube
+from modelcache.operator.reconcile import Reconciler
+from modelcache.operator.settings import OperatorSettings
+from modelcache.operator.spec import GROUP, PLURAL, VERSION
+
+_STATUS_INTERVAL = OperatorSettings().status_interval  # kopf needs it at registration
+_phases: dict[tuple[str, str], str] = {}  # (namespace, name) -> phase, for the gauge
+
+
+def seniority_priority(now: float | None = None) -> int:
+    """A peering priority that is higher the earlier the process started (ms resolution,
+    random tie-break): the running replica keeps the lead when another one starts."""
+    ms = int((time.time() if now is None else now) * 1000)
+    return (10**13 - ms) * 1000 + random.randrange(1000)  # a tie-break, not a secret
+
+
+def _configure_kopf(settings: kopf.OperatorSettings, ops: OperatorSettings) -> None:
+    settings.peering.name = ops.peering_name
+    settings.peering.mandatory = True
+    settings.peering.standalone = False
+    settings.peering.lifetime = ops.peering_lifetime
+    settings.peering.priority = (
+        ops.peering_priority if ops.peering_priority is not None else seniority_priority()
+    )
+    settings.posting.enabled = True
+    settings.posting.reporting_component = "modelcache-operator"
+    settings.posting.reporting_instance = ops.identity
+    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration"
+    )
+    # Kubernetes 1.20 has no streaming lists: keep settings.watching.initial_streaming off.
+    settings.watching.server_timeout = 300
+    settings.watching.connect_timeout = 30
+    settings.networking.request_timeout = 60
+    settings.execution.max_workers = 8
+
+
+@kopf.on.startup()
+def startup(
+    settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf.Logger, **_: Any
+) -> None:
+    ops = OperatorSettings()
+    _configure_kopf(settings, ops)
+    try:
+        kubernetes.config.load_incluster_config()  # type: ignore[no-untyped-call]
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config()  # type: ignore[no-untyped-call]
+    kube = Kube(kubernetes.client.ApiClient())
+    memo.reconciler = Reconciler(kube, ops)
+    for namespace in memo.get("namespaces") or [None]:
+        if kube.ensure_peering(ops.peering_name, namespace):
+            logger.info(
+                "created peering object %s in %s", ops.peering_name, namespace or "the cluster"
+            )
+    if ops.metrics_port:
+        start_http_server(ops.metrics_port, ops.metrics_host, registry=OPERATOR_REGISTRY)
+    OPERATOR_BUILD_INFO.labels(
+        importlib.metadata.version("modelcache"),
+        importlib.metadata.version("kopf"),
+        python_version(),
+    ).set(1)
+    logger.info(
+        "operator %s: peering %r priority %d, status every %.1fs",
+        ops.identity,
+        ops.peering_name,
+        settings.peering.priority,
+        ops.status_interval,
+    )
+
+
+def _publish_phase(namespace: str, name: str, phase: str | None) -> None:
+    if phase is None:
+        _phases.pop((namespace, name), None)
+    else:
+        _phases[(namespace, name)] = phase
+    counts: dict[tuple[str, str], int] = {}
+    for (ns, _), p in _phases.items():
+        counts[(ns, p)] = counts.get((ns, p), 0) + 1
+    OPERATOR_MANAGED.clear()
+    for (ns, p), n in counts.items():
+        OPERATOR_MANAGED.labels(ns, p).set(n)
+
+
+def _patch_status(patch: kopf.Patch, old: Mapping[str, Any], new: Mapping[str, Any]) -> None:
+    if dict(old) == dict(new):
+        return
+    for key, value in new.items():
+        patch.status[key] = value
+    for key in old:
+        if key not in new:
+            patch.status[key] = None
+
+
+def _converge(
+    handler: str, body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, apply: bool = True
+) -> None:
+    started, result = time.monotonic(), "retry"
+    try:
+        outcome = memo.reconciler.converge(body, apply=apply)
+        result = "permanent_error" if outcome.rejected else "success"
+    except ApiException as exc:
+        delay = 30 if exc.status in (401, 403) else 5
+        raise kopf.TemporaryError(
+            f"Kubernetes API {exc.status} {exc.reason}: {(exc.body or '')[:300]}", delay=delay
+        ) from exc
+    finally:
+        RECONCILE.labels(handler, result).inc()
+        RECONCILE_DURATION.labels(handler).observe(time.monotonic() - started)
+    _patch_status(patch, body.get("status") or {}, outcome.status.to_patch())
+    for event in outcome.events:
+        kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+    _publish_phase(body.metadata.namespace or "", body.metadata.name or "", outcome.status.phase)
+
+
+@kopf.on.create(GROUP, VERSION, PLURAL)
+def created(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+    _converge("create", body, patch, memo)
+
+
+@kopf.on.update(GROUP, VERSION, PLURAL)
+def updated(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+    _converge("update", body, patch, memo)
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+def resumed(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+    _converge("resume", body, patch, memo)
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=_STATUS_INTERVAL, initial_delay=_STATUS_INTERVAL)
+def refresh(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+    """Status from reality. Once the handlers have applied the current generation, it also
+    re-applies the children (recreating one someone deleted); before that it only observes,
+    so it never races a create/update handler that is applying a newer spec."""
+    handled = (body.get("status") or {}).get("observedGeneration") == body.metadata.get(
+        "generation"
+    )
+    _converge("timer", body, patch, memo, apply=handled)
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL)
+def deleted(name: str, namespace: str | None, logger: kopf.Logger, **_: Any) -> None:
+    """Children go with the ModelCache through their owner references (garbage collection);
+    only the operator's own bookkeeping is left to drop."""
+    _publish_phase(namespace or "", name, None)
+    RECONCILE.labels("delete", "success").inc()
+    logger.info("ModelCache deleted; its children are garbage-collected")
+
+
+@kopf.on.probe(id="modelcaches")
+def managed_count(**_: Any) -> int:
+    return len(_phases)
