@@ -237,7 +237,10 @@ def test_a_batch_waits_only_for_requests_on_their_way(make: Any, compute: Double
     assert time.perf_counter() - started < 5
     b.expect(+1)  # a request is being tokenized...
     first = submit(b, [2])
-    second = submit(b, [3])
-    b.expect(-1)  # ...and has been submitted: the batch goes
+    second = b.submit([3], [4], announced=True)  # ...and has arrived: the batch goes
     assert first.future.result(10) == [4] and second.future.result(10) == [6]
     assert compute.batches[-1] == [2, 3]
+    b.expect(+1)
+    third = submit(b, [4])
+    b.expect(-1)  # the announced request was refused: no reason to wait any longer
+    assert third.future.result(10) == [8]

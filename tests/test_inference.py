@@ -3,6 +3,7 @@ models loaded through the registry: padding, pooling, statistics, chunking, limi
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from modelcache.daemon.inference import (
     ModelCompute,
     pad_batch,
     pool,
+    split_by_length,
     token_statistics,
 )
 from modelcache.daemon.registry import ModelRegistry
@@ -58,6 +60,26 @@ def test_pool_ignores_padding(lengths: list[int], mode: str) -> None:
         real = hidden[row, :n]
         want = {"mean": real.mean(0), "cls": real[0], "last": real[-1]}[mode]
         torch.testing.assert_close(got[row], want)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(1, 300), min_size=1, max_size=64), st.integers(0, 4096))
+def test_split_by_length_never_costs_more_than_one_pass(lengths: list[int],
+                                                         overhead: int) -> None:
+    lengths.sort()
+    bounds = split_by_length(lengths, overhead)
+    assert bounds[0] == 0 and bounds[-1] == len(lengths) and bounds == sorted(set(bounds))
+
+    def cost(bs: list[int]) -> int:
+        return sum((b - a) * lengths[b - 1] + overhead for a, b in itertools.pairwise(bs))
+
+    assert cost(bounds) <= cost([0, len(lengths)])
+
+
+def test_split_by_length_separates_short_from_long() -> None:
+    assert split_by_length([8] * 16 + [80] * 16, overhead=32) == [0, 16, 32]
+    assert split_by_length([8] * 16 + [80] * 16, overhead=1 << 20) == [0, 32]
+    assert split_by_length([40] * 8, overhead=0) == [0, 8]
 
 
 def test_pad_batch_is_right_padded() -> None:

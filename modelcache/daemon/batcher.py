@@ -202,15 +202,15 @@ class Batcher:
         return not self._pending or len(self._pending) + n <= self.cfg.max_queue
 
     def expect(self, delta: int) -> None:
-        """+1 when the servicer starts tokenizing a request for this batcher, -1 when it
-        submitted it or gave up on it."""
+        """+1 when the servicer starts tokenizing a request for this batcher; -1 when it
+        gives up on it (``submit(announced=True)`` counts the request as arrived)."""
         with self._cond:
             self._expected += delta
             if delta < 0:
                 self._cond.notify()
 
     def submit(self, items: Sequence[Any], lengths: Sequence[int],
-               deadline: float | None = None) -> Job:
+               deadline: float | None = None, announced: bool = False) -> Job:
         """Queue a request's sequences; raises at once when it cannot be accepted.
 
         The bound is ``max_queue`` sequences; a request that alone exceeds it is still
@@ -219,6 +219,8 @@ class Batcher:
         job = Job(items=items, deadline=deadline, remaining=len(items))
         job.results = [None] * len(items)
         with self._cond:
+            if announced:
+                self._expected -= 1
             if self.failure:
                 raise BatcherFailed(self.failure)
             if self._stopping:

@@ -220,15 +220,18 @@ class ModelCacheServicer:
         batcher = served.batcher
         batcher.expect(+1)
         try:
-            try:
-                items = await asyncio.get_running_loop().run_in_executor(self.executor, prepare)
-            except InputError as exc:
-                raise ServingError(Code.INVALID_ARGUMENT, str(exc)) from None
-            job = batcher.submit(items, [len(i.ids) for i in items], call.deadline)
+            items = await asyncio.get_running_loop().run_in_executor(self.executor, prepare)
+        except InputError as exc:
+            batcher.expect(-1)
+            raise ServingError(Code.INVALID_ARGUMENT, str(exc)) from None
+        except BaseException:
+            batcher.expect(-1)
+            raise
+        try:
+            job = batcher.submit(items, [len(i.ids) for i in items], call.deadline,
+                                 announced=True)
         except b.BatchError as exc:
             raise ServingError(_BATCH_CODES[type(exc)], str(exc)) from None
-        finally:
-            batcher.expect(-1)
         try:
             return items, await asyncio.wrap_future(job.future)
         except asyncio.CancelledError:
