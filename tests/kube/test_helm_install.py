@@ -38,6 +38,7 @@ from monitoring.tools import (
     http_get,
     promql_metric_names,
     rendered_rules,
+    tool,
 )
 
 from .cluster import KubeEnv
@@ -356,8 +357,8 @@ def test_operator_full_reconcile_with_only_the_charts_rbac(kube: Kube, tmp_path:
     assert not op.permission_errors()
     # The operator's own exposition: valid, and it has every operator metric the dashboard
     # and the alerts use.
-    proc = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True,
-                          text=True, timeout=60, check=False)
+    proc = subprocess.run([tool("promtool"), "check", "metrics"], input=text,
+                          capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     exported = exposition_names(text)
     used = {n for _, e in dashboard_targets(dashboard())
