@@ -35,6 +35,7 @@ from monitoring.tools import (
     running_daemon,
     stop,
     tool,
+    variable_selector,
     wait_for,
 )
 from prometheus_client.parser import text_string_to_metric_families
@@ -148,8 +149,12 @@ def test_daemon_exposition_passes_promtool(daemon: Daemon) -> None:
 def test_every_dashboard_query_runs_on_prometheus(daemon: Daemon,
                                                   prometheus: Prometheus) -> None:
     _embed(daemon)
-    exprs = [(title, grafana_to_promql(e, VARIABLES))
-             for title, e in dashboard_targets(dashboard())]
+    dash = dashboard()
+    exprs = [(title, grafana_to_promql(e, VARIABLES)) for title, e in dashboard_targets(dash)]
+    # The template variables' queries find the daemon's namespace, ModelCache and model.
+    exprs += [(f"variable {v['name']}", grafana_to_promql(variable_selector(v["query"]),
+                                                          VARIABLES))
+              for v in dash["templating"]["list"] if v["type"] == "query"]
     pending = {(t, e) for t, e in exprs
                if not any(m.startswith(EMPTY_WHEN_HEALTHY) for m in promql_metric_names(e))}
     deadline = time.monotonic() + 30
