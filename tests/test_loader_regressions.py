@@ -75,13 +75,17 @@ def test_close_fails_queued_waiters_instead_of_hanging(tmp_path: Path,
     r = ModelRegistry(parse_config({"models": [spec("a", path, "embedding"),
                                                spec("b", path, "embedding")]}))
     r.prepare()
-    r.load_async("a")
+    running = r.load_async("a")
     queued = r.load_async("b")
     r.close()
     with pytest.raises(ModelLoadError, match="shutting down"):
         queued.result(timeout=5)
     with pytest.raises(ModelLoadError, match="shutting down"):
         r.get("b", timeout=5)
+    # The running load finishes in the background; wait for it, because it patches
+    # transformers' process-global init functions while it builds the model and the
+    # next test builds checkpoints in this process.
+    assert running.result(timeout=60).spec.name == "a"
 
 
 def test_malformed_config_json_fails_that_model_only(tmp_path: Path) -> None:
