@@ -264,6 +264,8 @@ def test_deployment_downloads_hub_models_and_serves_offline_read_only() -> None:
     ]
     assert containers.download_model_index(inits[0]["name"]) == 0
     assert {"name": "models", "mountPath": "/models"} in inits[0]["volumeMounts"]
+    # the image is offline for serving (HF_HUB_OFFLINE=1): only the download goes online
+    assert {"name": "HF_HUB_OFFLINE", "value": "0"} in inits[0]["env"]
     daemon = pod["containers"][0]
     env = {e["name"]: e.get("value") for e in daemon["env"]}
     assert env["HF_HUB_OFFLINE"] == "1" and env["TRANSFORMERS_OFFLINE"] == "1"
@@ -417,3 +419,15 @@ def test_rbac_rules_are_least_privilege() -> None:
     )
     assert ("", "pods", "list") in granted
     assert ("modelcache.io", "modelcaches/status", "patch") in granted
+
+
+def test_pvcs_are_only_ever_grown() -> None:
+    from modelcache.operator.children import _grow_pvc
+
+    def pvc(size: str) -> dict[str, Any]:
+        return {"spec": {"resources": {"requests": {"storage": size}}}}
+
+    assert _grow_pvc(pvc("10Gi"), pvc("5Gi")) is None
+    assert _grow_pvc(pvc("10Gi"), pvc("10240Mi")) is None
+    grown = _grow_pvc(pvc("10Gi"), pvc("20G"))
+    assert grown is not None and grown["spec"]["resources"]["requests"]["storage"] == "20G"

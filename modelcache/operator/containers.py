@@ -44,11 +44,13 @@ _SECURE = {
 def download_containers(spec: ModelCacheSpec) -> list[Manifest]:
     """One init container per hub model: ``modelcache download`` into the volume, which
     writes to a temporary directory and renames it into place, so the daemon never sees a
-    partial checkpoint. Local sources are expected on the volume already."""
+    partial checkpoint. Local sources are expected on the volume already. The daemon image
+    sets HF_HUB_OFFLINE=1 for serving; this is the one container that may go online."""
     mount = spec.storage.mount_path
     env: list[dict[str, Any]] = [
         {"name": "HOME", "value": "/tmp"},
         {"name": "HF_HOME", "value": "/tmp/hf"},
+        {"name": "HF_HUB_OFFLINE", "value": "0"},
     ]
     if spec.hf_token_secret is not None:
         env.append(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import random
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -33,7 +34,12 @@ from modelcache.operator.settings import OperatorSettings
 from modelcache.operator.spec import GROUP, PLURAL, VERSION
 
 _STATUS_INTERVAL = OperatorSettings().status_interval  # kopf needs it at registration
-_phases: dict[tuple[str, str], str] = {}  # (namespace, name) -> phase, for the gauge
+# (namespace, name) -> phase, for the modelcache_operator_modelcaches gauge. Handlers run in
+# several threads: the lock keeps the dict and the gauge consistent, and series are set or
+# removed one by one (never cleared), so a scrape cannot catch the gauge half-written.
+_phases: dict[tuple[str, str], str] = {}
+_published: set[tuple[str, str]] = set()
+_phases_lock = threading.Lock()
 
 
 def seniority_priority(now: float | None = None) -> int:
@@ -100,16 +106,20 @@ def startup(
 
 
 def _publish_phase(namespace: str, name: str, phase: str | None) -> None:
-    if phase is None:
-        _phases.pop((namespace, name), None)
-    else:
-        _phases[(namespace, name)] = phase
-    counts: dict[tuple[str, str], int] = {}
-    for (ns, _), p in _phases.items():
-        counts[(ns, p)] = counts.get((ns, p), 0) + 1
-    OPERATOR_MANAGED.clear()
-    for (ns, p), n in counts.items():
-        OPERATOR_MANAGED.labels(ns, p).set(n)
+    with _phases_lock:
+        if phase is None:
+            _phases.pop((namespace, name), None)
+        else:
+            _phases[(namespace, name)] = phase
+        counts: dict[tuple[str, str], int] = {}
+        for (ns, _), p in _phases.items():
+            counts[(ns, p)] = counts.get((ns, p), 0) + 1
+        for gone in _published - counts.keys():
+            OPERATOR_MANAGED.remove(*gone)
+        for (ns, p), n in counts.items():
+            OPERATOR_MANAGED.labels(ns, p).set(n)
+        _published.clear()
+        _published.update(counts)
 
 
 def _patch_status(patch: kopf.Patch, old: Mapping[str, Any], new: Mapping[str, Any]) -> None:
@@ -180,4 +190,5 @@ def deleted(name: str, namespace: str | None, logger: kopf.Logger, **_: Any) -> 
 
 @kopf.on.probe(id="modelcaches")
 def managed_count(**_: Any) -> int:
-    return len(_phases)
+    with _phases_lock:
+        return len(_phases)

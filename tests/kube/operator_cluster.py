@@ -300,3 +300,24 @@ def pods(api: client.ApiClient, namespace: str, instance: str) -> list[client.V1
         .items
         if p.metadata.deletion_timestamp is None
     ]
+
+
+def delete_caches(api: client.ApiClient, namespace: str, timeout: float = 30) -> None:
+    """Delete every ModelCache in the namespace while an operator still runs (it releases
+    its finalizer); whatever is left after ``timeout`` loses the finalizer by hand, so the
+    namespace can be deleted."""
+    custom = client.CustomObjectsApi(api)
+
+    def names() -> list[str]:
+        items = custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
+        return [i["metadata"]["name"] for i in items["items"]]  # type: ignore[index]
+
+    for name in names():
+        custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+    try:
+        wait_for("the ModelCaches to be deleted", lambda: not names(), timeout)
+    except AssertionError:
+        for name in names():
+            custom.patch_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, name, {"metadata": {"finalizers": None}}
+            )

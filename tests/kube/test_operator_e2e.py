@@ -34,6 +34,7 @@ from .operator_cluster import (
     cache,
     create_namespace,
     delete_account,
+    delete_caches,
     events,
     install_crds,
     kubectl,
@@ -42,7 +43,14 @@ from .operator_cluster import (
     pods,
     wait_for,
 )
-from .operator_procs import Daemon, Operator, free_port, run_init_container, seed_hub_model
+from .operator_procs import (
+    Daemon,
+    Operator,
+    free_port,
+    http_get,
+    run_init_container,
+    seed_hub_model,
+)
 
 pytestmark = pytest.mark.kube
 
@@ -75,7 +83,9 @@ def account(
 
 
 @pytest.fixture
-def start_operator(account: Account, ns: str, tmp_path: Path) -> Iterator[Callable[..., Operator]]:
+def start_operator(
+    admin: client.ApiClient, account: Account, ns: str, tmp_path: Path
+) -> Iterator[Callable[..., Operator]]:
     """Start operator subprocesses (real kill/restart); every one must never hit a 403."""
     started: list[Operator] = []
 
@@ -92,6 +102,8 @@ def start_operator(account: Account, ns: str, tmp_path: Path) -> Iterator[Callab
         return op
 
     yield start
+    alive = any(op.proc.poll() is None for op in started)
+    delete_caches(admin, ns, timeout=30 if alive else 0)
     for op in started:
         op.stop()
     for op in started:
@@ -374,11 +386,16 @@ def test_end_to_end(
     )
     timings["rolled out"] = time.monotonic() - t0
 
+    assert json.loads(http_get(op.liveness_port, "/healthz")) == {"modelcaches": 1}
     metrics = op.metrics()
-    assert 'modelcache_operator_reconcile_total{handler="create",result="success"} 1.0' in metrics
-    assert re.search(r'reconcile_total\{handler="update",result="success"\} [1-9]', metrics)
-    assert re.search(r'reconcile_total\{handler="timer",result="success"\} [1-9]', metrics)
-    assert 'modelcache_operator_modelcaches{namespace="' + ns + '",phase="Ready"} 1.0' in metrics
+    ours = "\n".join(line for line in metrics.splitlines() if "modelcache_operator_" in line)
+    for pattern in (
+        r'reconcile_total\{handler="create",result="success"\} 1\.0',
+        r'reconcile_total\{handler="update",result="success"\} [1-9]',
+        r'reconcile_total\{handler="timer",result="success"\} [1-9]',
+        r'modelcache_operator_modelcaches\{namespace="' + ns + r'",phase="Ready"\} 1\.0',
+    ):
+        assert re.search(pattern, metrics), f"{pattern} not in:\n{ours}"
 
     # --- delete: the finalizer is released, children are garbage-collected -----------
     kubectl(kube_env, "delete", "mc", "cache", "-n", ns, "--wait=false")
@@ -506,6 +523,33 @@ def test_operator_restart_mid_reconcile_duplicates_nothing(
     assert len(apps.list_namespaced_replica_set(ns).items) == 1
     assert (cache(admin, ns, "cache") or {})["metadata"]["generation"] == 1
 
+    # a child deleted by hand comes back on the next status refresh
+    client.CoreV1Api(admin).delete_namespaced_service("cache", ns, _preload_content=False)
+    wait_for("the Service to be recreated", lambda: children(admin, ns, "cache")["Service"])
+
+
+def test_a_foreign_object_is_never_overwritten(
+    admin: client.ApiClient,
+    kube_env: KubeEnv,
+    ns: str,
+    start_operator: Callable[..., Operator],
+    tmp_path: Path,
+) -> None:
+    core = client.CoreV1Api(admin)
+    core.create_namespaced_config_map(
+        ns, {"metadata": {"name": "cache-config"}, "data": {"mine": "keep"}}
+    )
+    op = start_operator("op-a")
+    op.wait_active()
+    apply(kube_env, ns, modelcache("cache", tmp_path, [BROKEN]))
+    status = status_of(admin, ns, "cache", lambda s: s.get("phase") == "Failed", "Failed")
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "ChildConflict"
+    assert "ConfigMap cache-config already exists and is not owned" in ready["message"]
+    assert core.read_namespaced_config_map("cache-config", ns).data == {"mine": "keep"}
+    kids = children(admin, ns, "cache")
+    assert [k for k, v in kids.items() if v is not None] == ["ConfigMap"]  # nothing else
+
 
 def test_two_operator_replicas_one_active(
     admin: client.ApiClient,
@@ -560,5 +604,6 @@ def test_a_missing_permission_is_caught(
         assert "forbidden" in op.text()
         assert "status" not in (cache(admin, ns, "cache") or {})
     finally:
+        delete_caches(admin, ns)
         op.stop()
         delete_account(admin, account)
