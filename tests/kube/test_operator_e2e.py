@@ -1,4 +1,5 @@
-"""The operator on a real control plane (kube-apiserver + controller-manager 1.20, no kubelet).
+"""The operator end to end on a real control plane (kube-apiserver + controller-manager 1.20,
+no kubelet), and the CRD schema enforced by the API server.
 
 The operator runs as a subprocess with ONLY the RBAC rules of
 deploy/helm/modelcache/files/operator-rbac-rules.yaml (a ServiceAccount token), so a missing
@@ -12,14 +13,12 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import tiny_models
 import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
@@ -29,19 +28,27 @@ from .operator_cluster import (
     GROUP,
     PLURAL,
     VERSION,
-    Account,
-    api_client,
     cache,
-    create_namespace,
-    delete_account,
-    delete_caches,
     events,
-    install_crds,
     kubectl,
-    operator_account,
     play_kubelet,
     pods,
     wait_for,
+)
+from .operator_fixtures import (  # noqa: F401 - fixtures, used by name
+    BROKEN,
+    GOOD,
+    HUB_ID,
+    SHA,
+    apply,
+    children,
+    fixture_account,
+    fixture_admin,
+    fixture_checkpoints,
+    fixture_ns,
+    fixture_start_operator,
+    modelcache,
+    status_of,
 )
 from .operator_procs import (
     Daemon,
@@ -53,138 +60,6 @@ from .operator_procs import (
 )
 
 pytestmark = pytest.mark.kube
-
-SHA = "a1b2c3d4e5f60718293a4b5c6d7e8f9012345678"
-HUB_ID = "acme/tiny-bert"
-
-
-@pytest.fixture(scope="module")
-def admin(kube_env: KubeEnv) -> Iterator[client.ApiClient]:
-    api = api_client(kube_env.kubeconfig)
-    install_crds(kube_env, api)
-    yield api
-    api.close()  # type: ignore[no-untyped-call]
-
-
-@pytest.fixture
-def ns(admin: client.ApiClient) -> Iterator[str]:
-    name = create_namespace(admin, "mc")
-    yield name
-    client.CoreV1Api(admin).delete_namespace(name)
-
-
-@pytest.fixture
-def account(
-    admin: client.ApiClient, kube_env: KubeEnv, ns: str, tmp_path: Path
-) -> Iterator[Account]:
-    acc = operator_account(admin, kube_env.kubeconfig, ns, tmp_path)
-    yield acc
-    delete_account(admin, acc)
-
-
-@pytest.fixture
-def start_operator(
-    admin: client.ApiClient, account: Account, ns: str, tmp_path: Path
-) -> Iterator[Callable[..., Operator]]:
-    """Start operator subprocesses (real kill/restart); every one must never hit a 403."""
-    started: list[Operator] = []
-
-    def start(identity: str = "op-a", daemon_port: int = 1, **settings: str) -> Operator:
-        op = Operator(
-            account.kubeconfig,
-            ns,
-            tmp_path / f"{identity}.log",
-            identity=identity,
-            daemon_port=daemon_port,
-            **settings,
-        )
-        started.append(op)
-        return op
-
-    yield start
-    alive = any(op.proc.poll() is None for op in started)
-    delete_caches(admin, ns, timeout=30 if alive else 0)
-    for op in started:
-        op.stop()
-    for op in started:
-        op.assert_no_permission_errors()
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("checkpoints")
-    good = tiny_models.bert(root / "tiny-bert")
-    broken = root / "broken"
-    shutil.copytree(good, broken)
-    (broken / "model.safetensors").unlink()  # config and tokenizer, no weights
-    return {"good": good, "broken": broken}
-
-
-def modelcache(
-    name: str, volume: Path, models: list[dict[str, Any]], **spec: Any
-) -> dict[str, Any]:
-    return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "ModelCache",
-        "metadata": {"name": name},
-        "spec": {
-            "image": "registry.invalid/modelcache:0.1.0",
-            "models": models,
-            "storage": {"mountPath": str(volume), "pvc": {"size": "1Gi"}},
-            "resources": {"requests": {"cpu": "100m"}},
-            **spec,
-        },
-    }
-
-
-GOOD = {"name": "good", "source": HUB_ID, "revision": SHA, "task": "embedding"}
-BROKEN = {"name": "broken", "source": "broken", "task": "embedding"}
-
-
-def apply(env: KubeEnv, ns: str, body: dict[str, Any]) -> None:
-    kubectl(env, "apply", "-n", ns, "-f", "-", stdin=json.dumps(body))
-
-
-def status_of(
-    admin: client.ApiClient,
-    ns: str,
-    name: str,
-    check: Callable[[dict[str, Any]], bool],
-    what: str,
-    timeout: float = 60,
-) -> dict[str, Any]:
-    def probe() -> dict[str, Any] | None:
-        body = cache(admin, ns, name) or {}
-        status = body.get("status") or {}
-        return status if status and check(status) else None
-
-    try:
-        return wait_for(what, probe, timeout)
-    except AssertionError:
-        now = json.dumps((cache(admin, ns, name) or {}).get("status"))
-        raise AssertionError(f"{what}; status now: {now}") from None
-
-
-def children(admin: client.ApiClient, ns: str, name: str) -> dict[str, Any]:
-    """The children that exist, by kind (None where missing)."""
-    core, apps = client.CoreV1Api(admin), client.AppsV1Api(admin)
-    reads = {
-        "ConfigMap": lambda: core.read_namespaced_config_map(f"{name}-config", ns),
-        "PersistentVolumeClaim": lambda: core.read_namespaced_persistent_volume_claim(
-            f"{name}-models", ns
-        ),
-        "Service": lambda: core.read_namespaced_service(name, ns),
-        "Deployment": lambda: apps.read_namespaced_deployment(name, ns),
-    }
-    out: dict[str, Any] = {}
-    for kind, read in reads.items():
-        try:
-            out[kind] = read()
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
-            out[kind] = None
-    return out
 
 
 def test_schema_rejects_bad_specs_server_side(
@@ -407,203 +282,3 @@ def test_end_to_end(
     )
     timings["deleted"] = time.monotonic() - t0
     print("end-to-end timings:", {k: round(v, 1) for k, v in timings.items()})
-
-
-def test_invalid_spec_fails_with_a_message_and_no_children(
-    admin: client.ApiClient,
-    kube_env: KubeEnv,
-    ns: str,
-    start_operator: Callable[..., Operator],
-    tmp_path: Path,
-) -> None:
-    op = start_operator("op-a")
-    op.wait_active()
-    twice = [BROKEN, {**BROKEN, "source": "other"}]  # passes the schema, not the operator
-    apply(kube_env, ns, modelcache("dup", tmp_path, twice))
-    status = status_of(admin, ns, "dup", lambda s: s.get("phase") == "Failed", "phase Failed")
-    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
-    assert ready["reason"] == "InvalidSpec"
-    assert "spec.models[1].name 'broken' repeats models[0].name" in ready["message"]
-    warning = wait_for(
-        "a Warning Event", lambda: [e for e in events(admin, ns, "dup") if e.type == "Warning"]
-    )
-    assert "repeats models[0].name" in warning[0].message
-    time.sleep(3)  # several status refreshes later: still nothing built, no crash loop
-    assert not any(children(admin, ns, "dup").values())
-    assert op.proc.poll() is None
-    assert "Traceback" not in op.text()
-    # fixing the spec recovers: children appear and the phase moves on
-    apply(kube_env, ns, modelcache("dup", tmp_path, [BROKEN]))
-    wait_for("the children", lambda: all(children(admin, ns, "dup").values()))
-    status_of(
-        admin,
-        ns,
-        "dup",
-        lambda s: s.get("phase") == "Pending" and s.get("observedGeneration") == 2,
-        "phase Pending for generation 2",
-    )
-
-
-def _fingerprint(obj: Any) -> tuple[Any, ...]:
-    """What the operator writes on a child (resourceVersion moves for controller writes)."""
-    meta = obj.metadata
-    return (
-        meta.uid,
-        meta.generation,
-        meta.annotations,
-        meta.labels,
-        client.ApiClient().sanitize_for_serialization(obj.spec)
-        if hasattr(obj, "spec") and obj.spec is not None
-        else obj.data,
-    )
-
-
-def test_operator_restart_mid_reconcile_duplicates_nothing(
-    admin: client.ApiClient,
-    kube_env: KubeEnv,
-    ns: str,
-    start_operator: Callable[..., Operator],
-    tmp_path: Path,
-) -> None:
-    # A crashed replica is presumed alive until its peering keep-alive expires: keep it short.
-    crashing = start_operator("op-crash", fault_exit_after="Service", peering_lifetime="5")
-    crashing.wait_active()
-    apply(kube_env, ns, modelcache("cache", tmp_path, [BROKEN]))
-    wait_for("the operator to crash after the Service", lambda: crashing.proc.poll() == 17)
-    before = children(admin, ns, "cache")
-    assert before["Deployment"] is None  # the crash came between two children
-    assert all(before[k] is not None for k in ("ConfigMap", "PersistentVolumeClaim", "Service"))
-
-    second = start_operator("op-b")
-    second.wait_active()
-    after = wait_for(
-        "the Deployment", lambda: c if (c := children(admin, ns, "cache"))["Deployment"] else None
-    )
-    for kind in ("ConfigMap", "Service"):
-        assert after[kind].metadata.resource_version == before[kind].metadata.resource_version
-    status_of(
-        admin,
-        ns,
-        "cache",
-        lambda s: s.get("observedGeneration") == 1 and s.get("phase") == "Pending",
-        "status after the restart",
-    )
-    apps = client.AppsV1Api(admin)
-    wait_for("one ReplicaSet", lambda: len(apps.list_namespaced_replica_set(ns).items) == 1)
-    core = client.CoreV1Api(admin)
-    labels = "app.kubernetes.io/instance=cache"
-    for listing in (
-        core.list_namespaced_config_map,
-        core.list_namespaced_service,
-        core.list_namespaced_persistent_volume_claim,
-        apps.list_namespaced_deployment,
-    ):
-        assert len(listing(ns, label_selector=labels).items) == 1
-    # the Deployment controller annotates the Deployment once: let it, then take a snapshot
-    wait_for(
-        "the Deployment's revision annotation",
-        lambda: (
-            "deployment.kubernetes.io/revision"
-            in (apps.read_namespaced_deployment("cache", ns).metadata.annotations or {})
-        ),
-    )
-    after = children(admin, ns, "cache")
-    settled = {k: _fingerprint(v) for k, v in after.items()}
-
-    assert second.stop() == 0  # graceful: SIGTERM
-    third = start_operator("op-c")
-    third.wait_log("Handler 'resumed' succeeded")
-    third.wait_log("Timer 'refresh' succeeded")
-    time.sleep(2)
-    again = children(admin, ns, "cache")
-    for kind, obj in again.items():
-        assert _fingerprint(obj) == settled[kind], kind
-    for kind in ("ConfigMap", "Service"):
-        assert again[kind].metadata.resource_version == after[kind].metadata.resource_version
-    assert len(apps.list_namespaced_replica_set(ns).items) == 1
-    assert (cache(admin, ns, "cache") or {})["metadata"]["generation"] == 1
-
-    # a child deleted by hand comes back on the next status refresh
-    client.CoreV1Api(admin).delete_namespaced_service("cache", ns, _preload_content=False)
-    wait_for("the Service to be recreated", lambda: children(admin, ns, "cache")["Service"])
-
-
-def test_a_foreign_object_is_never_overwritten(
-    admin: client.ApiClient,
-    kube_env: KubeEnv,
-    ns: str,
-    start_operator: Callable[..., Operator],
-    tmp_path: Path,
-) -> None:
-    core = client.CoreV1Api(admin)
-    core.create_namespaced_config_map(
-        ns, {"metadata": {"name": "cache-config"}, "data": {"mine": "keep"}}
-    )
-    op = start_operator("op-a")
-    op.wait_active()
-    apply(kube_env, ns, modelcache("cache", tmp_path, [BROKEN]))
-    status = status_of(admin, ns, "cache", lambda s: s.get("phase") == "Failed", "Failed")
-    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
-    assert ready["reason"] == "ChildConflict"
-    assert "ConfigMap cache-config already exists and is not owned" in ready["message"]
-    assert core.read_namespaced_config_map("cache-config", ns).data == {"mine": "keep"}
-    kids = children(admin, ns, "cache")
-    assert [k for k, v in kids.items() if v is not None] == ["ConfigMap"]  # nothing else
-
-
-def test_two_operator_replicas_one_active(
-    admin: client.ApiClient,
-    kube_env: KubeEnv,
-    ns: str,
-    start_operator: Callable[..., Operator],
-    tmp_path: Path,
-) -> None:
-    first = start_operator("op-a", peering_lifetime="6")
-    first.wait_active()
-    second = start_operator("op-b", peering_lifetime="6")
-    second.wait_log("Activity 'startup' succeeded")  # and then it stays paused:
-    apply(kube_env, ns, modelcache("cache", tmp_path, [BROKEN]))
-    wait_for("the children", lambda: all(children(admin, ns, "cache").values()))
-    status_of(admin, ns, "cache", lambda s: s.get("phase") == "Pending", "status")
-    time.sleep(2)
-    assert {e.reporting_instance for e in events(admin, ns, "cache")} == {"op-a"}
-    assert "Handler 'created'" in first.text()
-    assert "Resuming operations" not in second.text()
-    assert "Handler" not in second.text() and "Timer" not in second.text()
-
-    first.stop(signal.SIGKILL)  # a crash: no goodbye in the peering object
-    second.wait_active(timeout=30)
-    body = modelcache("cache", tmp_path, [BROKEN], replicas=2)
-    apply(kube_env, ns, body)
-    wait_for(
-        "the second replica to scale the Deployment",
-        lambda: client.AppsV1Api(admin).read_namespaced_deployment("cache", ns).spec.replicas == 2,
-    )
-    wait_for(
-        "an Event from op-b",
-        lambda: any(e.reporting_instance == "op-b" for e in events(admin, ns, "cache")),
-    )
-
-
-def test_a_missing_permission_is_caught(
-    admin: client.ApiClient, kube_env: KubeEnv, ns: str, tmp_path: Path
-) -> None:
-    """The RBAC rules are enforced for real: without `list pods` the reconcile fails."""
-    account = operator_account(admin, kube_env.kubeconfig, ns, tmp_path, drop=("pods", "list"))
-    op = Operator(account.kubeconfig, ns, tmp_path / "op.log", identity="op-x", daemon_port=1)
-    try:
-        op.wait_active()
-        apply(kube_env, ns, modelcache("cache", tmp_path, [BROKEN]))
-        op.wait_log("Kubernetes API 403 Forbidden")
-        wait_for(
-            "a retry counted",
-            lambda: re.search(
-                r'reconcile_total\{handler="create",result="retry"\} [1-9]', op.metrics()
-            ),
-        )
-        assert "forbidden" in op.text()
-        assert "status" not in (cache(admin, ns, "cache") or {})
-    finally:
-        delete_caches(admin, ns)
-        op.stop()
-        delete_account(admin, account)
