@@ -97,7 +97,12 @@ class Reconciler:
                 spec, error, reason = None, _rejection(exc), "ChildRejected"
         if spec is None:
             observed = generation  # looked at, and refused: the status says why
-        config_hash = builders.config_hash(spec) if spec is not None else None
+        # The config the children carry: the new one once applied, else the last applied.
+        config_hash = (
+            builders.config_hash(spec)
+            if spec is not None and observed == generation
+            else previous.get("configHash")
+        )
         for a in applied:
             event = _child_event(a, config_hash or "")
             if event is not None:
