@@ -173,6 +173,14 @@ def test_per_item_options_in_one_batch(session_registry: ModelRegistry) -> None:
     assert rich.top_k_ids.shape == (len(ids[1]) - 1, 2)
 
 
+def test_a_one_token_sequence_has_no_positions(session_registry: ModelRegistry) -> None:
+    compute = compute_of(session_registry, "gpt2")
+    one, three = compute.run([LogProbsItem([101], ALL), LogProbsItem([101, 7592, 102], ALL)])
+    assert one.token_ids.tolist() == [101] and one.logprobs.shape == (0,)
+    assert one.top_k_ids is not None and one.top_k_ids.shape == (0, 5)
+    assert three.logprobs.shape == (2,) and np.isfinite(three.logprob_variance).all()
+
+
 def test_max_length_is_capped_by_positions(tiny_lms: dict[str, Path]) -> None:
     registry = ModelRegistry(parse_config({"models": [
         model("g", tiny_lms["gpt2"], "causal-lm", max_length=4096)]}))
