@@ -244,3 +244,20 @@ def test_a_batch_waits_only_for_requests_on_their_way(make: Any, compute: Double
     third = submit(b, [4])
     b.expect(-1)  # the announced request was refused: no reason to wait any longer
     assert third.future.result(10) == [8]
+
+
+def test_a_batch_that_runs_too_long_marks_the_batcher_unhealthy(make: Any,
+                                                                compute: Doubler) -> None:
+    b = make()
+    b.stall_after = 0.05
+    compute.hold()
+    job = submit(b, [1])
+    assert compute.entered.wait(10)
+    deadline = time.monotonic() + 10
+    while not b.stalled():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert not b.healthy() and not b.dead()
+    compute.release.set()
+    assert job.future.result(10) == [2]
+    assert not b.stalled() and b.healthy()

@@ -43,6 +43,9 @@ from modelcache.metrics import (
 log = logging.getLogger(__name__)
 
 Compute = Callable[[Sequence[Any]], Sequence[Any]]
+#: A batch running longer than this marks its model NOT_SERVING (a hung device, not a
+#: slow batch: a full batch of a large model on a CPU takes seconds, not minutes).
+STALL_AFTER_S = 300.0
 
 
 class BatchError(Exception):
@@ -140,8 +143,11 @@ def select_batch(lengths: Sequence[int], max_tokens: int, max_rows: int) -> list
 
 class Batcher:
     def __init__(self, name: str, method: str, compute: Compute, cfg: BatchingConfig,
-                 on_death: Callable[[], None] | None = None) -> None:
+                 on_death: Callable[[], None] | None = None,
+                 stall_after: float = STALL_AFTER_S) -> None:
         self.name, self.method, self.cfg = name, method, cfg
+        self.stall_after = stall_after
+        self._batch_started = 0.0  # time.monotonic() of the running batch, 0 when idle
         self._compute = compute
         self._on_death = on_death
         self._cond = threading.Condition()
@@ -167,7 +173,14 @@ class Batcher:
 
     def healthy(self) -> bool:
         alive = self._thread is not None and self._thread.is_alive()
-        return alive and not self._died.is_set() and not self.failure and not self._stopping
+        return alive and not self._died.is_set() and not self.failure \
+            and not self._stopping and not self.stalled()
+
+    def stalled(self) -> bool:
+        """One batch has been running for more than ``stall_after`` seconds: a thread
+        cannot be killed, but the model is reported NOT_SERVING until it returns."""
+        started = self._batch_started
+        return bool(started) and time.monotonic() - started > self.stall_after
 
     def dead(self) -> bool:
         """The worker ended without being asked to: the watchdog should act."""
@@ -248,14 +261,14 @@ class Batcher:
                 batch = self._next_batch()
                 if batch is None:
                     return
-                self._running = batch
+                self._running, self._batch_started = batch, time.monotonic()
                 self._execute(batch)
-                self._running = []
+                self._running, self._batch_started = [], 0.0
         except BaseException as exc:  # the thread ends here either way; say why, once
             self.last_death = f"{type(exc).__name__}: {exc}"
             log.critical("model %s: batch worker died", self.name, exc_info=True)
         finally:
-            running, self._running = self._running, []
+            running, self._running, self._batch_started = self._running, [], 0.0
             if running:
                 err = WorkerDied(f"the batch worker of model {self.name} died while computing "
                                  f"this request ({self.last_death}); it is being restarted")

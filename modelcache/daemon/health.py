@@ -15,7 +15,9 @@ then restarts the worker (counted in modelcache_worker_restarts) or, after more 
 ``MAX_RESTARTS`` deaths within ``RESTART_WINDOW_S``, fails the batcher: its requests get
 FAILED_PRECONDITION with the reason and the model stays NOT_SERVING, rather than a
 poisoned model crash-looping forever. It wakes at once when a worker dies and
-also every ``watchdog_interval`` seconds, when it samples device memory.
+also every ``watchdog_interval`` seconds, when it samples device memory and looks for a
+batch that has run for longer than ``stall_after`` (a hung device): such a model is
+NOT_SERVING until the batch returns, so a load balancer stops sending it work.
 """
 
 from __future__ import annotations
@@ -27,8 +29,11 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
+import grpc
 import torch
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2
 
 from modelcache.daemon.registry import ModelRegistry, ModelState
@@ -94,11 +99,38 @@ def sample_device_memory(devices: set[str]) -> None:
                                                      .total_memory)
 
 
+def health_handler(servicer: health.aio.HealthServicer) -> grpc.GenericRpcHandler:
+    """grpc.health.v1.Health (Check, Watch) with requests parsed here rather than by gRPC,
+    whose own deserializer answers a malformed request with UNKNOWN (which reads as a
+    server fault): here it is INVALID_ARGUMENT naming the type, like the ModelCache RPCs."""
+
+    async def parse(raw: bytes, ctx: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        try:
+            return health_pb2.HealthCheckRequest.FromString(raw)
+        except (DecodeError, ValueError) as exc:
+            await ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, "request is not a valid "
+                            f"grpc.health.v1.HealthCheckRequest: {exc}")
+            raise AssertionError("unreachable: abort raises") from None
+
+    async def check(raw: bytes, ctx: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        return await servicer.Check(await parse(raw, ctx), ctx)
+
+    async def watch(raw: bytes, ctx: grpc.aio.ServicerContext[Any, Any]) -> None:
+        await servicer.Watch(await parse(raw, ctx), ctx)
+
+    out = health_pb2.HealthCheckResponse.SerializeToString
+    return grpc.method_handlers_generic_handler(health.SERVICE_NAME, {
+        "Check": grpc.unary_unary_rpc_method_handler(check, response_serializer=out),
+        "Watch": grpc.unary_stream_rpc_method_handler(watch, response_serializer=out),
+    })
+
+
 class Watchdog:
     def __init__(self, served: Served, reporter: HealthReporter, interval: float) -> None:
         self.served, self.reporter, self.interval = served, reporter, interval
         self._wake = threading.Event()
         self._deaths: dict[str, list[float]] = {}
+        self._stalled: set[str] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="modelcache-watchdog",
                                         daemon=True)
@@ -129,6 +161,13 @@ class Watchdog:
 
     def check(self) -> None:
         served = self.served()
+        stalled = {name for name, s in served.items() if s.batcher.stalled()}
+        if stalled != self._stalled:
+            for name in stalled - self._stalled:
+                log.error("model %s: one batch has been running for over %.0fs; reporting "
+                          "NOT_SERVING until it returns", name, served[name].batcher.stall_after)
+            self._stalled = stalled
+            self.reporter.refresh()
         for name, s in served.items():
             if not s.batcher.dead():
                 continue
