@@ -140,6 +140,13 @@ OPERATOR_MANAGED = Gauge(
     ["namespace", "phase"],
     registry=OPERATOR_REGISTRY,
 )
+MODELCACHE_READY = Gauge(
+    "modelcache_operator_modelcache_ready",
+    "1 when the ModelCache is in phase Ready, else 0; one series per ModelCache (the "
+    "namespace label is the ModelCache's), removed when the resource is deleted.",
+    ["namespace", "name"],
+    registry=OPERATOR_REGISTRY,
+)
 OPERATOR_BUILD_INFO = Gauge(
     "modelcache_operator_build_info",
     "Always 1; the operator's versions.",

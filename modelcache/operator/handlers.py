@@ -21,6 +21,7 @@ from kubernetes.client.exceptions import ApiException
 from prometheus_client import start_http_server
 
 from modelcache.metrics import (
+    MODELCACHE_READY,
     OPERATOR_BUILD_INFO,
     OPERATOR_MANAGED,
     OPERATOR_REGISTRY,
@@ -34,7 +35,8 @@ from modelcache.operator.settings import OperatorSettings
 from modelcache.operator.spec import GROUP, PLURAL, VERSION
 
 _STATUS_INTERVAL = OperatorSettings().status_interval  # kopf needs it at registration
-# (namespace, name) -> phase, for the modelcache_operator_modelcaches gauge. Handlers run in
+# (namespace, name) -> phase, for the modelcache_operator_modelcaches gauge and the
+# per-resource modelcache_operator_modelcache_ready gauge. Handlers run in
 # several threads: the lock keeps the dict and the gauge consistent, and series are set or
 # removed one by one (never cleared), so a scrape cannot catch the gauge half-written.
 _phases: dict[tuple[str, str], str] = {}
@@ -108,9 +110,11 @@ def startup(
 def _publish_phase(namespace: str, name: str, phase: str | None) -> None:
     with _phases_lock:
         if phase is None:
-            _phases.pop((namespace, name), None)
+            if _phases.pop((namespace, name), None) is not None:
+                MODELCACHE_READY.remove(namespace, name)
         else:
             _phases[(namespace, name)] = phase
+            MODELCACHE_READY.labels(namespace, name).set(1 if phase == "Ready" else 0)
         counts: dict[tuple[str, str], int] = {}
         for (ns, _), p in _phases.items():
             counts[(ns, p)] = counts.get((ns, p), 0) + 1

@@ -269,6 +269,7 @@ def test_end_to_end(
         r'reconcile_total\{handler="update",result="success"\} [1-9]',
         r'reconcile_total\{handler="timer",result="success"\} [1-9]',
         r'modelcache_operator_modelcaches\{namespace="' + ns + r'",phase="Ready"\} 1\.0',
+        r'modelcache_operator_modelcache_ready\{name="cache",namespace="' + ns + r'"\} 1\.0',
     ):
         assert re.search(pattern, metrics), f"{pattern} not in:\n{ours}"
 
@@ -279,6 +280,12 @@ def test_end_to_end(
         "the children to be garbage-collected",
         lambda: not any(children(admin, ns, "cache").values()),
         timeout=90,
+    )
+    # The per-resource readiness series goes with the resource.
+    wait_for(
+        "the readiness series to go",
+        lambda: f'modelcache_operator_modelcache_ready{{name="cache",namespace="{ns}"}}'
+        not in op.metrics(),
     )
     timings["deleted"] = time.monotonic() - t0
     print("end-to-end timings:", {k: round(v, 1) for k, v in timings.items()})
