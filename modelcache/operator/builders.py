@@ -208,6 +208,12 @@ def build_pod_template(spec: ModelCacheSpec, owner: Owner) -> Manifest:
             {"name": "tmp", "emptyDir": {}},
         ],
     }
+    if spec.tls is not None:
+        # Readable by the daemon's group only (fsGroup); a missing Secret keeps the pod
+        # in ContainerCreating, which the status reports, rather than serving plaintext.
+        pod["volumes"].append(
+            {"name": "tls", "secret": {"secretName": spec.tls.secret_name, "defaultMode": 0o440}}
+        )
     optional = {
         "serviceAccountName": spec.service_account_name,
         "nodeSelector": spec.node_selector or None,

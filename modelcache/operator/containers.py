@@ -15,6 +15,7 @@ Manifest = dict[str, Any]
 
 CONFIG_FILE = "config.yaml"
 CONFIG_DIR = "/etc/modelcache"
+TLS_DIR = "/etc/modelcache-tls"  # the spec.tls Secret, read-only (not under CONFIG_DIR)
 DAEMON = "daemon"
 DOWNLOAD_PREFIX = "download-"
 
@@ -106,6 +107,25 @@ def daemon_container(spec: ModelCacheSpec) -> Manifest:
         for k, v in (("limits", spec.resources.limits), ("requests", spec.resources.requests))
         if v
     }
+    env: list[dict[str, Any]] = [
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "HF_HUB_OFFLINE", "value": "1"},
+        {"name": "TRANSFORMERS_OFFLINE", "value": "1"},
+        {"name": "MODELCACHE_LOG_LEVEL", "value": spec.log_level},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "models", "mountPath": spec.storage.mount_path, "readOnly": True},
+        {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    if spec.tls is not None:
+        env += [
+            {"name": "MODELCACHE_TLS_CERT", "value": f"{TLS_DIR}/tls.crt"},
+            {"name": "MODELCACHE_TLS_KEY", "value": f"{TLS_DIR}/tls.key"},
+        ]
+        if spec.tls.client_auth:
+            env.append({"name": "MODELCACHE_TLS_CLIENT_CA", "value": f"{TLS_DIR}/ca.crt"})
+        mounts.append({"name": "tls", "mountPath": TLS_DIR, "readOnly": True})
     return {
         "name": DAEMON,
         "image": spec.image,
@@ -124,12 +144,7 @@ def daemon_container(spec: ModelCacheSpec) -> Manifest:
             "--metrics-port",
             str(p.metrics),
         ],
-        "env": [
-            {"name": "HOME", "value": "/tmp"},
-            {"name": "HF_HUB_OFFLINE", "value": "1"},
-            {"name": "TRANSFORMERS_OFFLINE", "value": "1"},
-            {"name": "MODELCACHE_LOG_LEVEL", "value": spec.log_level},
-        ],
+        "env": env,
         "ports": [
             {"name": "grpc", "containerPort": p.grpc, "protocol": "TCP"},
             {"name": "metrics", "containerPort": p.metrics, "protocol": "TCP"},
@@ -152,11 +167,7 @@ def daemon_container(spec: ModelCacheSpec) -> Manifest:
             "failureThreshold": 360,
         },
         "resources": resources,
-        "volumeMounts": [
-            {"name": "models", "mountPath": spec.storage.mount_path, "readOnly": True},
-            {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
-            {"name": "tmp", "mountPath": "/tmp"},
-        ],
+        "volumeMounts": mounts,
         "securityContext": _SECURE,
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }

@@ -7,6 +7,7 @@ classes. kopf itself does the watching, the CR patching (status, finalizers) and
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -76,6 +77,21 @@ class Kube:
                 **extra,
             )
         )
+
+    def secret_data(self, namespace: str, name: str) -> dict[str, bytes] | None:
+        """A Secret's decoded data (None if it does not exist); only spec.tls's Secret is
+        ever read, by name (RBAC: get on secrets, no list or watch)."""
+        try:
+            secret = self._json(
+                self.core.read_namespaced_secret(
+                    name, namespace, _preload_content=False, _request_timeout=TIMEOUT
+                )
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return {k: base64.b64decode(v) for k, v in (secret.get("data") or {}).items()}
 
     def list_pods(self, namespace: str, labels: Mapping[str, str]) -> list[Manifest]:
         selector = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))

@@ -4,6 +4,14 @@ In a cluster the operator dials podIP:grpcPort directly (never the Service: it m
 which pod said what). ``daemon_address_override`` replaces every pod's address with one
 host:port, so tests and local runs reach a daemon on loopback without any pod network.
 Proxies are never used: the target is a pod, and an HTTP proxy could only get it wrong.
+
+With ``spec.tls`` the call is made over TLS (``ProbeTls``, built from the ModelCache's Secret
+by the reconciler): the daemon's certificate is verified against the Secret's ca.crt (or,
+without one, tls.crt itself: a self-signed certificate) and checked for the host name clients
+use, NAME.NAMESPACE.svc.CLUSTER_DOMAIN (the status endpoint), since a pod IP is in no
+certificate. With ``clientAuth`` the operator presents the same Secret's tls.crt / tls.key as
+its client certificate, so that certificate must allow client use (extendedKeyUsage
+clientAuth, or no extendedKeyUsage) and be signed by ca.crt.
 """
 
 from __future__ import annotations
@@ -17,6 +25,48 @@ from modelcache.operator.aggregate import ModelReport, PodAnswer
 from modelcache.v1 import modelcache_pb2, modelcache_pb2_grpc
 
 _CHANNEL_OPTIONS = [("grpc.enable_http_proxy", 0), ("grpc.max_receive_message_length", 8 << 20)]
+
+
+@dataclass(frozen=True)
+class ProbeTls:
+    """How to dial daemons that serve TLS; ``error`` set: the probe cannot be made."""
+
+    server_name: str
+    root_ca: bytes = b""
+    cert_chain: bytes | None = None
+    private_key: bytes | None = None
+    error: str | None = None
+
+
+def tls_from_secret(
+    data: dict[str, bytes] | None, secret: str, client_auth: bool, server_name: str
+) -> ProbeTls:
+    """The probe's TLS settings from a kubernetes.io/tls Secret's decoded data (None: the
+    Secret does not exist)."""
+    if data is None:
+        return ProbeTls(server_name, error=f"TLS Secret {secret} not found")
+    root = data.get("ca.crt") or data.get("tls.crt")
+    if not root:
+        return ProbeTls(server_name, error=f"TLS Secret {secret} has neither ca.crt nor tls.crt")
+    if not client_auth:
+        return ProbeTls(server_name, root_ca=root)
+    missing = [k for k in ("ca.crt", "tls.crt", "tls.key") if not data.get(k)]
+    if missing:
+        return ProbeTls(
+            server_name,
+            error=f"TLS Secret {secret} lacks {', '.join(missing)}, needed for clientAuth",
+        )
+    return ProbeTls(
+        server_name, root_ca=root, cert_chain=data["tls.crt"], private_key=data["tls.key"]
+    )
+
+
+def _channel(address: str, tls: ProbeTls | None) -> grpc.Channel:
+    if tls is None:
+        return grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+    creds = grpc.ssl_channel_credentials(tls.root_ca, tls.private_key, tls.cert_chain)
+    options = [*_CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", tls.server_name)]
+    return grpc.secure_channel(address, creds, options=options)
 
 
 @dataclass(frozen=True)
@@ -61,9 +111,13 @@ def _describe(exc: grpc.RpcError) -> str:
     return f"{code.name if code else 'ERROR'}: {details}"
 
 
-def list_models(pods: Sequence[Target], timeout: float) -> dict[str, PodAnswer]:
+def list_models(
+    pods: Sequence[Target], timeout: float, tls: ProbeTls | None = None
+) -> dict[str, PodAnswer]:
     """Every pod's answer (or the reason it gave none), within ``timeout`` seconds overall."""
-    channels = [grpc.insecure_channel(t.address, options=_CHANNEL_OPTIONS) for t in pods]
+    if tls is not None and tls.error is not None:
+        return {t.pod: PodAnswer(t.pod, error=tls.error) for t in pods}
+    channels = [_channel(t.address, tls) for t in pods]
     try:
         stubs = [
             modelcache_pb2_grpc.ModelCacheStub(ch)  # type: ignore[no-untyped-call]

@@ -111,6 +111,18 @@ class Reconciler:
         events.extend(transitions(previous, status))
         return Outcome(status, events, applied, rejected=spec is None)
 
+    def _probe_tls(self, owner: Owner, spec: ModelCacheSpec) -> probe.ProbeTls | None:
+        """TLS settings for ListModels from spec.tls's Secret (read on every probe, so a
+        rotated certificate is picked up)."""
+        if spec.tls is None:
+            return None
+        host = builders.endpoint(owner, spec, self.settings.cluster_domain)
+        server_name = host.removeprefix("dns:///").rsplit(":", 1)[0]
+        data = self.kube.secret_data(owner.namespace, spec.tls.secret_name)
+        return probe.tls_from_secret(
+            data, spec.tls.secret_name, spec.tls.client_auth, server_name
+        )
+
     def observe(
         self,
         owner: Owner,
@@ -134,7 +146,8 @@ class Reconciler:
             ]
             running = [(v.name, v.pod_ip) for v in views if v.current and v.daemon_running]
             targets = probe.targets(running, spec.ports.grpc, self.settings.daemon_address_override)
-            answers = probe.list_models(targets, self.settings.probe_timeout)
+            tls = self._probe_tls(owner, spec) if targets else None
+            answers = probe.list_models(targets, self.settings.probe_timeout, tls)
             for pod, answer in answers.items():
                 if answer.error:
                     log.info("ListModels on pod %s failed: %s", pod, answer.error)

@@ -35,6 +35,7 @@ IMAGE_PATTERN = r"^[^\s@]+(@sha256:[0-9a-f]{64}|:[A-Za-z0-9_][A-Za-z0-9_.-]{0,12
 # The ModelCache name becomes a Service name: a DNS-1035 label, short enough for suffixes.
 NAME_PATTERN = r"^[a-z]([-a-z0-9]{0,50}[a-z0-9])?$"
 DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
+DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 
 
 class SpecError(ValueError):
@@ -119,6 +120,15 @@ class SecretKeyRef(_CamelModel):
     key: Annotated[str, Field(min_length=1)] = "token"
 
 
+class Tls(_CamelModel):
+    """TLS on the daemons' gRPC port from a kubernetes.io/tls Secret in the ModelCache's
+    namespace: tls.crt / tls.key serve, and with ``client_auth`` the daemons require client
+    certificates signed by the Secret's ca.crt (mutual TLS)."""
+
+    secret_name: Annotated[str, Field(pattern=DNS_SUBDOMAIN_PATTERN, max_length=253)]
+    client_auth: bool = False
+
+
 class ModelCacheSpec(_CamelModel):
     models: Annotated[tuple[ModelSpec, ...], Field(min_length=1, max_length=64)]
     image: Annotated[str, Field(pattern=IMAGE_PATTERN)]
@@ -136,6 +146,7 @@ class ModelCacheSpec(_CamelModel):
     batching: BatchingConfig = BatchingConfig()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     hf_token_secret: SecretKeyRef | None = None
+    tls: Tls | None = None
 
     @model_validator(mode="before")
     @classmethod
