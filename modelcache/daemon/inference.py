@@ -207,11 +207,15 @@ class ModelCompute:
                              return_attention_mask=False, return_token_type_ids=False,
                              verbose=False)
         ids: list[list[int]] = enc["input_ids"]
-        if not truncate:
-            for i, seq in enumerate(ids):
-                if len(seq) > self.max_length:
-                    raise InputError(f"inputs[{i}] has {len(seq)} tokens, more than the model's "
-                                     f"max_length {self.max_length} (set truncate to cut it)")
+        for i, seq in enumerate(ids):
+            # A tokenizer without special tokens turns whitespace, control or combining
+            # characters alone into nothing; a zero-length row cannot be run or pooled.
+            if not seq:
+                raise InputError(f"inputs[{i}] has no tokens: the model's tokenizer produced "
+                                 "none for it")
+            if not truncate and len(seq) > self.max_length:
+                raise InputError(f"inputs[{i}] has {len(seq)} tokens, more than the model's "
+                                 f"max_length {self.max_length} (set truncate to cut it)")
         return ids
 
     def check_token_ids(self, seqs: Sequence[Sequence[int]], truncate: bool) -> list[list[int]]:

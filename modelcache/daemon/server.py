@@ -25,13 +25,13 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2_grpc
+from grpc_health.v1 import health
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from modelcache.config import DaemonConfig
 from modelcache.daemon.batcher import Batcher
-from modelcache.daemon.health import HealthReporter, Watchdog
+from modelcache.daemon.health import HealthReporter, Watchdog, health_handler
 from modelcache.daemon.inference import ModelCompute
 from modelcache.daemon.loader import record_build_info
 from modelcache.daemon.registry import ModelRegistry, ModelState
@@ -91,7 +91,7 @@ class DaemonServer:
             ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
             ("grpc.so_reuseport", 0)])
         self.server.add_generic_rpc_handlers((self.servicer.handler(),))
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.server.add_generic_rpc_handlers((health_handler(self.health),))
         reflection.enable_server_reflection(
             (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         address = _address(s.host, s.port)

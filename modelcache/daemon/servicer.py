@@ -4,7 +4,9 @@ Status codes, the contract clients code against:
 
 - ``NOT_FOUND``: the model is not configured.
 - ``INVALID_ARGUMENT``: undecodable request bytes, a missing model name, empty inputs or
-  empty strings, too many inputs, an input over ``max_input_chars``, an input over
+  empty strings, inputs the tokenizer turns into no tokens at all (whitespace or control
+  characters, with a tokenizer that adds no special tokens), too many inputs, an input
+  over ``max_input_chars``, an input over
   max_length with ``truncate`` false, ``top_k`` outside 0..20, both or neither of
   ``inputs``/``token_ids``, token ids outside the vocabulary.
 - ``FAILED_PRECONDITION``: the RPC does not fit the model's task; or the model *failed*
@@ -65,6 +67,16 @@ _BATCH_CODES: dict[type[b.BatchError], Code] = {
 }
 _STATES = {ModelState.PENDING: pb.ModelStatus.PENDING, ModelState.LOADING: pb.ModelStatus.LOADING,
            ModelState.READY: pb.ModelStatus.READY, ModelState.FAILED: pb.ModelStatus.FAILED}
+
+
+def clip(message: str, limit: int = 2048) -> str:
+    """A status message travels percent-encoded in the grpc-message trailer, and clients
+    drop trailers over 8 KiB (the call then ends RESOURCE_EXHAUSTED instead of with its own
+    status): at most ``limit`` UTF-8 bytes, so at most ~6 KiB encoded."""
+    data = message.encode("utf-8", "replace")
+    if len(data) <= limit:
+        return message
+    return data[:limit].decode("utf-8", "ignore") + f"... ({len(data)} bytes in all)"
 
 
 class ServingError(Exception):
@@ -164,7 +176,7 @@ class ModelCacheServicer:
             call.record(method, Code.OK)
             return response
         call.record(method, error.code)  # before abort: the client sees the status at once
-        await ctx.abort(error.code, error.message)
+        await ctx.abort(error.code, clip(error.message))
         raise AssertionError("unreachable: abort raises")
 
     # -- shared checks ---------------------------------------------------------------
@@ -175,7 +187,8 @@ class ModelCacheServicer:
             entry = self.registry.entry(name)
         except KeyError:
             names = ", ".join(self.registry.names())
-            raise ServingError(Code.NOT_FOUND, f"model {name!r} is not configured "
+            shown = repr(name) if len(name) <= 100 else f"{name[:100]!r}... ({len(name)} chars)"
+            raise ServingError(Code.NOT_FOUND, f"model {shown} is not configured "
                                f"(configured: {names})") from None
         call.model = name
         if entry.spec.task != task:
