@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from modelcache.v1 import modelcache_pb2 as pb
 from modelcache.v1 import modelcache_pb2_grpc as pb_grpc
 
 _BOUND = re.compile(rb"gRPC on 127\.0\.0\.1:(\d+) \(")
+_METRICS = re.compile(rb"metrics on http://127\.0\.0\.1:(\d+)/metrics")
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -102,6 +104,31 @@ class ServeProcess:
                 raise TimeoutError(f"{self.name} did not start in {timeout}s:\n"
                                    f"{self.log()[-3000:]}")
             time.sleep(0.02)
+
+    def metrics_url(self, timeout: float = 30.0) -> str:
+        """The /metrics address this run of the daemon logged (it starts after gRPC)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = _METRICS.findall(self.log_path.read_bytes())
+            if len(found) >= self.starts:
+                return f"http://127.0.0.1:{int(found[-1])}/metrics"
+            assert self.alive() and time.monotonic() < deadline, "no metrics endpoint logged"
+            time.sleep(0.02)
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The sum of the samples of ``name`` whose labels include ``labels``, from the
+        daemon's /metrics (0 when there are none)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(self.metrics_url(), timeout=10) as resp:
+            text = resp.read().decode()
+        total = 0.0
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v
+                                               for k, v in labels.items()):
+                    total += float(sample.value)
+        return total
 
     def list_models(self, timeout: float = 10.0) -> pb.ListModelsResponse:
         with grpc.insecure_channel(self.address) as channel:
