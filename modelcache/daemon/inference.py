@@ -15,6 +15,7 @@ batch cannot allocate gigabytes of float32 logits at once.
 from __future__ import annotations
 
 import itertools
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -194,6 +195,7 @@ class ModelCompute:
         self.device = loaded.device
         self.task = loaded.spec.task
         self.max_length = _max_length(loaded)
+        self._tokenizer_lock = threading.Lock()
         pad = getattr(self.tokenizer, "pad_token_id", None)
         self.pad_id = int(pad) if pad is not None else 0
         self.vocab_size = int(self.model.get_input_embeddings().num_embeddings)
@@ -202,10 +204,15 @@ class ModelCompute:
     def tokenize(self, texts: Sequence[str], truncate: bool) -> list[list[int]]:
         """Token ids with the model's special tokens; over-long inputs are cut to
         max_length, or rejected naming their index when ``truncate`` is false."""
-        enc = self.tokenizer(list(texts), add_special_tokens=True, truncation=truncate,
-                             max_length=self.max_length if truncate else None,
-                             return_attention_mask=False, return_token_type_ids=False,
-                             verbose=False)
+        # A fast tokenizer keeps truncation as state on its shared Rust object and sets it
+        # on every call: two threads tokenizing with different `truncate` flags can each
+        # run with the other's setting (seen in the wire fuzz: 39 tokens returned past a
+        # max_length of 24). One lock per model makes each call see its own setting.
+        with self._tokenizer_lock:
+            enc = self.tokenizer(list(texts), add_special_tokens=True, truncation=truncate,
+                                 max_length=self.max_length if truncate else None,
+                                 return_attention_mask=False, return_token_type_ids=False,
+                                 verbose=False)
         ids: list[list[int]] = enc["input_ids"]
         for i, seq in enumerate(ids):
             # A tokenizer without special tokens turns whitespace, control or combining
