@@ -392,13 +392,15 @@ apiserver_ready() {
     "https://$HOST:$APISERVER_PORT/readyz"
 }
 
-# wait_for NAME TIMEOUT CHECK...
+# wait_for NAME TIMEOUT CHECK...   (dies if NAME exits; returns 3 instead when
+# WAIT_FOR_SOFT=1, so a caller can retry a start-up)
 wait_for() {
   local name="$1" timeout="$2"; shift 2
   local deadline=$((SECONDS + timeout))
   until "$@"; do
     if ! pid_of "$name" >/dev/null; then
       tail -30 "$STATE/$name.log" >&2 || true
+      [[ ${WAIT_FOR_SOFT:-0} == 1 ]] && return 3
       die "$name exited (log: $STATE/$name.log)"
     fi
     if ((SECONDS > deadline)); then
@@ -473,25 +475,35 @@ cmd_start() {
     --log-level warn
   wait_for etcd 60 curl_ok "$etcd_url/health"
 
-  launch kube-apiserver \
-    --advertise-address="$HOST" \
-    --bind-address="$HOST" \
-    --secure-port="$APISERVER_PORT" \
-    --insecure-port=0 \
-    --etcd-servers="$etcd_url" \
-    --tls-cert-file="$PKI/apiserver.crt" \
-    --tls-private-key-file="$PKI/apiserver.key" \
-    --client-ca-file="$PKI/ca.crt" \
-    --authorization-mode=Node,RBAC \
-    --service-account-key-file="$PKI/sa.pub" \
-    --service-account-signing-key-file="$PKI/sa.key" \
-    --service-account-issuer="https://kubernetes.default.svc.cluster.local" \
-    --service-cluster-ip-range="$SERVICE_CIDR" \
-    --endpoint-reconciler-type=none \
-    --allow-privileged=true \
-    --profiling=false \
-    --v=1
-  wait_for kube-apiserver 120 apiserver_ready
+  # A restart right after the previous apiserver was killed has been seen to exit during
+  # start-up once (while etcd and the old watchers settle): retry a bounded number of times.
+  local attempt
+  for attempt in 1 2 3; do
+    launch kube-apiserver \
+      --advertise-address="$HOST" \
+      --bind-address="$HOST" \
+      --secure-port="$APISERVER_PORT" \
+      --insecure-port=0 \
+      --etcd-servers="$etcd_url" \
+      --tls-cert-file="$PKI/apiserver.crt" \
+      --tls-private-key-file="$PKI/apiserver.key" \
+      --client-ca-file="$PKI/ca.crt" \
+      --authorization-mode=Node,RBAC \
+      --service-account-key-file="$PKI/sa.pub" \
+      --service-account-signing-key-file="$PKI/sa.key" \
+      --service-account-issuer="https://kubernetes.default.svc.cluster.local" \
+      --service-cluster-ip-range="$SERVICE_CIDR" \
+      --endpoint-reconciler-type=none \
+      --allow-privileged=true \
+      --profiling=false \
+      --v=1
+    if WAIT_FOR_SOFT=1 wait_for kube-apiserver 120 apiserver_ready; then
+      break
+    fi
+    ((attempt < 3)) || die "kube-apiserver exited during start-up 3 times (log: $STATE/kube-apiserver.log)"
+    log "kube-apiserver exited during start-up (attempt $attempt); retrying"
+    sleep 2
+  done
 
   # Controllers that need a cloud provider, node CIDRs or a CSR signing CA are off.
   launch kube-controller-manager \
