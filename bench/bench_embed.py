@@ -31,6 +31,7 @@ import importlib.util
 import itertools
 import math
 import os
+import re
 import signal
 import socket
 import statistics
@@ -38,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -133,7 +135,24 @@ class Daemon:
         except BaseException:
             self.__exit__()
             raise
+        found = re.search(r"metrics on http://127\.0\.0\.1:(\d+)/", self.log.read_text())
+        self.metrics_port = int(found.group(1)) if found else 0
         return self
+
+    def batches(self) -> tuple[float, float, float]:
+        """(forward batches, sequences, padded tokens) so far, from the daemon's /metrics."""
+        if not self.metrics_port:
+            return (0.0, 0.0, 0.0)
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            body = resp.read().decode()
+
+        def value(name: str) -> float:
+            found = re.search(rf"^{name}\{{[^}}]*\}} (\S+)$", body, re.MULTILINE)
+            return float(found.group(1)) if found else 0.0
+
+        return (value("modelcache_batch_size_count"), value("modelcache_batch_size_sum"),
+                value("modelcache_batch_tokens_sum"))
 
     def stub(self) -> Any:
         from modelcache.v1 import modelcache_pb2_grpc as pb_grpc
@@ -254,22 +273,27 @@ def main() -> int:
         for c in map(int, args.clients.split(",")):
             for k in map(int, args.sizes.split(",")):
                 quiet([daemon.pid], args.quiet_threshold, args.quiet_wait)
+                before = daemon.batches()
                 r = asyncio.run(cell(daemon.address, corpus, c, k, args.warmup,
                                      args.duration, daemon))
+                n, seqs, padded = (a - b for a, b in zip(daemon.batches(), before, strict=True))
+                r["rows"] = seqs / n if n else math.nan
+                r["padded"] = padded / n if n else math.nan
                 rows.append((c, k, r))
                 print(f"  measured {c}x{k}: {r['rate']:.1f}/s", file=sys.stderr)
     quiet([], args.quiet_threshold, args.quiet_wait)
     anchor_end = anchor(st, corpus)
 
     print("\n| clients x sent/req | sentences/s | ratio vs anchor | p50 ms | p99 ms | requests "
-          "| resp B/embedding | req B/sentence | bench CPU s | server CPU s | other cores |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| rows/batch | padded tok/batch | resp B/embedding | req B/sentence | bench CPU s "
+          "| server CPU s | other cores |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for c, k, r in rows:
         flag = " !" if r["other"] > 0.3 else ""
         print(f"| {c} x {k} | {r['rate']:.1f} | {r['rate'] / anchor_rate:.2f} | "
-              f"{r['p50']:.1f} | {r['p99']:.1f} | {r['requests']} | {wire[k][0]:.0f} | "
-              f"{wire[k][1]:.0f} | {r['bench_cpu']:.1f} | {r['server_cpu']:.1f} | "
-              f"{r['other']:.2f}{flag} |")
+              f"{r['p50']:.1f} | {r['p99']:.1f} | {r['requests']} | {r['rows']:.1f} | "
+              f"{r['padded']:.0f} | {wire[k][0]:.0f} | {wire[k][1]:.0f} | "
+              f"{r['bench_cpu']:.1f} | {r['server_cpu']:.1f} | {r['other']:.2f}{flag} |")
     print(f"\nanchor: {anchor_rate:.1f} sentences/s at start, {anchor_end:.1f} at end "
           f"(drift {100 * (anchor_end / anchor_rate - 1):+.1f}%); "
           f"embedding payload = 384 x 4 = 1536 B")
