@@ -13,11 +13,13 @@ tokenization overlaps compute. The servicer announces requests it is tokenizing
 request is on its way, so a lone request is not delayed. While the worker is busy,
 requests queue up and the next batch is whatever is waiting.
 
-Failure handling: an ``Exception`` from the compute function fails that batch's requests
-(``ComputeFailed``) and the worker goes on. Anything that ends the thread fails the batch
-it was running (``WorkerDied``) at once and wakes the watchdog (health.py), which restarts
-the worker or fails the batcher, so requests are refused instead of hanging. Cancelled
-requests and requests past their deadline are dropped before they are computed.
+Failure handling: an ``Exception`` from the compute function fails the request it was
+computing (``ComputeFailed``) and the worker goes on; when the batch held several requests,
+each is computed again alone first, so one request the model cannot take does not fail the
+others batched with it. Anything that ends the thread fails the batch it was running
+(``WorkerDied``) at once and wakes the watchdog (health.py), which restarts the worker or
+fails the batcher, so requests are refused instead of hanging. Cancelled requests and
+requests past their deadline are dropped before they are computed.
 """
 
 from __future__ import annotations
@@ -318,6 +320,13 @@ class Batcher:
         self._pending = keep
         self._depth.set(len(keep))
 
+    def _compute_all(self, batch: list[_Seq]) -> Sequence[Any]:
+        outputs = self._compute([s.job.items[s.index] for s in batch])
+        if len(outputs) != len(batch):
+            raise RuntimeError(f"compute returned {len(outputs)} results for "
+                               f"{len(batch)} sequences")
+        return outputs
+
     def _execute(self, batch: list[_Seq]) -> None:
         start = time.perf_counter()
         for s in batch:
@@ -326,15 +335,19 @@ class Batcher:
                 REQUEST_DURATION.labels(self.name, self.method, "queue").observe(
                     start - s.job.admitted)
         try:
-            outputs = self._compute([s.job.items[s.index] for s in batch])
-            if len(outputs) != len(batch):
-                raise RuntimeError(f"compute returned {len(outputs)} results for "
-                                   f"{len(batch)} sequences")
+            outputs = self._compute_all(batch)
         except Exception as exc:
-            log.exception("model %s: batch of %d failed", self.name, len(batch))
-            err = ComputeFailed(f"{type(exc).__name__}: {exc}")
-            for s in batch:
-                s.job.fail(err)
+            jobs = list(dict.fromkeys(s.job for s in batch))
+            log.exception("model %s: batch of %d sequences from %d requests failed",
+                          self.name, len(batch), len(jobs))
+            if len(jobs) == 1:
+                jobs[0].fail(ComputeFailed(f"{type(exc).__name__}: {exc}"))
+                return
+            # One request may have caused it (an input the model cannot take): compute each
+            # request alone, so that only the requests that fail on their own get the error.
+            for job in jobs:
+                if not job.cancelled and not job.future.done():
+                    self._execute([s for s in batch if s.job is job])
             return
         elapsed = time.perf_counter() - start
         REQUEST_DURATION.labels(self.name, self.method, "compute").observe(elapsed)

@@ -138,6 +138,7 @@ def _load(prepared: PreparedModel, stages: dict[str, float]) -> LoadedModel:
     stages["materialize"], clock = time.perf_counter() - clock, time.perf_counter()
 
     verify.check_placement(model, spec.name, device, param_dtypes(model, dtype))
+    verify.check_finite(model)
     live = model.state_dict()
     digest = verify.fingerprint({c: live[m] for m, c in model_to_ckpt.items()},
                                 {c: files[c] for c in model_to_ckpt.values()})

