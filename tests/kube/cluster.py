@@ -46,7 +46,20 @@ def cache_dir() -> Path:
 
 
 def state_dir() -> Path:
-    return Path(os.environ.get("MODELCACHE_KUBE_STATE", "/tmp/modelcache-kube"))
+    """The script's state dir (per checkout unless MODELCACHE_KUBE_STATE says otherwise)."""
+    out = subprocess.run(
+        ["bash", str(SCRIPT), "env"],
+        check=True,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+    for line in out.splitlines():
+        key, _, value = line.removeprefix("export ").partition("=")
+        if key == "MODELCACHE_KUBE_STATE":
+            return Path(value)
+    raise RuntimeError(f"'{SCRIPT} env' printed no MODELCACHE_KUBE_STATE: {out!r}")
 
 
 def run_script(*args: str, timeout: float = 1800) -> None:
@@ -76,7 +89,14 @@ def control_plane_running() -> bool:
 def ensure_control_plane() -> KubeEnv:
     """Build (if not cached) and start (if not running) the control plane; return its paths."""
     run_script("build")
-    run_script("start", timeout=300)
+    try:
+        run_script("start", timeout=300)
+    except subprocess.SubprocessError:
+        # One clean retry: a start-up that lost a race (a port taken between being picked
+        # and bound, an apiserver slow to settle) should not fail the whole kube suite.
+        print("control plane start failed; stopping and starting once more", file=sys.stderr)
+        run_script("stop", timeout=120)
+        run_script("start", timeout=300)
     env = KubeEnv(
         kubeconfig=state_dir() / "admin.kubeconfig",
         bin_dir=cache_dir() / "bin",

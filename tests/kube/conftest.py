@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 from collections.abc import Iterator
 
 import pytest
@@ -21,6 +22,17 @@ from .cluster import (
 )
 
 _build_error: BaseException | None = None
+_own_state_dir = False  # True when this run made its state dir (CI): removed at the end
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # In CI every run gets a control plane of its own, in a fresh state dir: nothing another
+    # run left behind in a shared /tmp (pid files, etcd data, a live process in another pid
+    # namespace) can be taken for ours. Locally the per-checkout default is reused.
+    global _own_state_dir
+    if os.environ.get("CI") and not os.environ.get("MODELCACHE_KUBE_STATE"):
+        os.environ["MODELCACHE_KUBE_STATE"] = tempfile.mkdtemp(prefix="modelcache-kube-ci-")
+        _own_state_dir = True
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -48,4 +60,7 @@ def kube_env() -> Iterator[KubeEnv]:
     yield env
     # Leave a control plane that someone else started running; stop the one we started.
     if not was_running and not os.environ.get("MODELCACHE_KUBE_KEEP_RUNNING"):
-        stop_control_plane()
+        if _own_state_dir:
+            run_script("reset", timeout=120)
+        else:
+            stop_control_plane()
