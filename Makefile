@@ -38,6 +38,7 @@ system-deps:
 ## Everything CI runs: lint, types, unit + integration tests, and the real control plane tests.
 test: $(STAMP) system-deps
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check modelcache tests bench
 	$(BIN)/mypy
 	bash hack/kube-control-plane.sh build
 	$(BIN)/pytest -q -ra --durations=15

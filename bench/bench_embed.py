@@ -51,8 +51,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-CORPUS = Path(os.environ.get("PEERBENCH_DIR", Path(__file__).resolve().parents[2] / "shared"
-                             / "peerbench")) / "corpus.py"
+CORPUS = (
+    Path(
+        os.environ.get(
+            "PEERBENCH_DIR", Path(__file__).resolve().parents[2] / "shared" / "peerbench"
+        )
+    )
+    / "corpus.py"
+)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -78,8 +84,12 @@ class MachineCpu:
 
     def __init__(self, server_pid: int) -> None:
         self.pid = server_pid
-        self.start = (time.perf_counter(), time.process_time(), _process_cpu(server_pid),
-                      _machine_busy())
+        self.start = (
+            time.perf_counter(),
+            time.process_time(),
+            _process_cpu(server_pid),
+            _machine_busy(),
+        )
 
     def stop(self, since: float | None = None) -> dict[str, float]:
         wall, own, server, busy = self.start
@@ -98,8 +108,11 @@ def quiet(pids: list[int], threshold: float, max_wait: float) -> float:
     while True:
         start = (time.process_time(), [_process_cpu(p) for p in pids], _machine_busy())
         time.sleep(1.0)
-        ours = time.process_time() - start[0] + sum(
-            _process_cpu(p) - c for p, c in zip(pids, start[1], strict=True))
+        ours = (
+            time.process_time()
+            - start[0]
+            + sum(_process_cpu(p) - c for p, c in zip(pids, start[1], strict=True))
+        )
         other = _machine_busy() - start[2] - ours
         if other <= threshold or time.monotonic() > deadline:
             return other
@@ -125,9 +138,23 @@ class Daemon:
         self.log = Path(self._dir.name) / "daemon.log"
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "modelcache.cli", "serve", "--config", str(cfg),
-                 "--host", "127.0.0.1", "--port", str(self.port), "--metrics-port", "0"],
-                stdout=log, stderr=subprocess.STDOUT)
+                [
+                    sys.executable,
+                    "-m",
+                    "modelcache.cli",
+                    "serve",
+                    "--config",
+                    str(cfg),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    "--metrics-port",
+                    "0",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         self.pid = self.proc.pid
         try:
             with ModelCacheClient(self.address) as c:
@@ -151,15 +178,19 @@ class Daemon:
             found = re.search(rf"^{name}\{{[^}}]*\}} (\S+)$", body, re.MULTILINE)
             return float(found.group(1)) if found else 0.0
 
-        return (value("modelcache_batch_size_count"), value("modelcache_batch_size_sum"),
-                value("modelcache_batch_tokens_sum"))
+        return (
+            value("modelcache_batch_size_count"),
+            value("modelcache_batch_size_sum"),
+            value("modelcache_batch_tokens_sum"),
+        )
 
     def stub(self) -> Any:
         from modelcache.v1 import modelcache_pb2_grpc as pb_grpc
 
         if self._channel is None:
             self._channel = grpc.insecure_channel(
-                self.address, [("grpc.max_receive_message_length", 256 << 20)])
+                self.address, [("grpc.max_receive_message_length", 256 << 20)]
+            )
         return pb_grpc.ModelCacheStub(self._channel)
 
     def __exit__(self, *exc: object) -> None:
@@ -195,8 +226,15 @@ def anchor(model: Any, corpus: list[str]) -> float:
     return statistics.median(rates)
 
 
-async def cell(address: str, corpus: list[str], clients: int, per_request: int,
-               warmup: float, duration: float, daemon: Daemon) -> dict[str, Any]:
+async def cell(
+    address: str,
+    corpus: list[str],
+    clients: int,
+    per_request: int,
+    warmup: float,
+    duration: float,
+    daemon: Daemon,
+) -> dict[str, Any]:
     from modelcache.client import AsyncModelCacheClient
 
     cursor = itertools.count()
@@ -224,9 +262,13 @@ async def cell(address: str, corpus: list[str], clients: int, per_request: int,
         return {"rate": 0.0, "p50": math.nan, "p99": math.nan, "requests": 0, **usage}
     latencies = sorted(end - start for start, end, _ in records)
     last = max(end for _, end, _ in records)
-    return {"rate": sum(n for *_, n in records) / (last - window_start),
-            "p50": nearest_rank(latencies, 50) * 1e3, "p99": nearest_rank(latencies, 99) * 1e3,
-            "requests": len(records), **usage}
+    return {
+        "rate": sum(n for *_, n in records) / (last - window_start),
+        "p50": nearest_rank(latencies, 50) * 1e3,
+        "p99": nearest_rank(latencies, 99) * 1e3,
+        "requests": len(records),
+        **usage,
+    }
 
 
 def main() -> int:
@@ -249,22 +291,31 @@ def main() -> int:
     from modelcache.v1 import modelcache_pb2 as pb
 
     corpus, digest = load_corpus(args.n, args.seed)
-    print(f"corpus: n={len(corpus)} seed={args.seed} sha256={digest[:16]}  "
-          f"torch threads={torch.get_num_threads()}  cores={os.cpu_count()}")
+    print(
+        f"corpus: n={len(corpus)} seed={args.seed} sha256={digest[:16]}  "
+        f"torch threads={torch.get_num_threads()}  cores={os.cpu_count()}"
+    )
     st = SentenceTransformer(str(bundled_minilm()), device="cpu")
     reference = st.encode(corpus[:20], convert_to_numpy=True)
     quiet([], args.quiet_threshold, args.quiet_wait)
     anchor_rate = anchor(st, corpus)
-    print(f"anchor (sentence-transformers encode, batch 32, in-process): "
-          f"{anchor_rate:.1f} sentences/s")
+    print(
+        f"anchor (sentence-transformers encode, batch 32, in-process): "
+        f"{anchor_rate:.1f} sentences/s"
+    )
 
     rows = []
     with Daemon(default_config()) as daemon, ModelCacheClient(daemon.address) as sync:
         got = sync.embed("minilm", corpus[:20])
-        cos = (got * reference).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(
-            reference, axis=1)
-        print(f"daemon pid {daemon.pid}: cosine vs sentence-transformers over 20 sentences: "
-              f"min {cos.min():.6f}")
+        cos = (
+            (got * reference).sum(1)
+            / np.linalg.norm(got, axis=1)
+            / np.linalg.norm(reference, axis=1)
+        )
+        print(
+            f"daemon pid {daemon.pid}: cosine vs sentence-transformers over 20 sentences: "
+            f"min {cos.min():.6f}"
+        )
         wire = {}
         for k in map(int, args.sizes.split(",")):
             req = pb.EmbedRequest(model="minilm", inputs=corpus[:k], truncate=True)
@@ -274,8 +325,9 @@ def main() -> int:
             for k in map(int, args.sizes.split(",")):
                 quiet([daemon.pid], args.quiet_threshold, args.quiet_wait)
                 before = daemon.batches()
-                r = asyncio.run(cell(daemon.address, corpus, c, k, args.warmup,
-                                     args.duration, daemon))
+                r = asyncio.run(
+                    cell(daemon.address, corpus, c, k, args.warmup, args.duration, daemon)
+                )
                 n, seqs, padded = (a - b for a, b in zip(daemon.batches(), before, strict=True))
                 r["rows"] = seqs / n if n else math.nan
                 r["padded"] = padded / n if n else math.nan
@@ -284,19 +336,25 @@ def main() -> int:
     quiet([], args.quiet_threshold, args.quiet_wait)
     anchor_end = anchor(st, corpus)
 
-    print("\n| clients x sent/req | sentences/s | ratio vs anchor | p50 ms | p99 ms | requests "
-          "| rows/batch | padded tok/batch | resp B/embedding | req B/sentence | bench CPU s "
-          "| server CPU s | other cores |")
+    print(
+        "\n| clients x sent/req | sentences/s | ratio vs anchor | p50 ms | p99 ms | requests "
+        "| rows/batch | padded tok/batch | resp B/embedding | req B/sentence | bench CPU s "
+        "| server CPU s | other cores |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for c, k, r in rows:
         flag = " !" if r["other"] > 0.3 else ""
-        print(f"| {c} x {k} | {r['rate']:.1f} | {r['rate'] / anchor_rate:.2f} | "
-              f"{r['p50']:.1f} | {r['p99']:.1f} | {r['requests']} | {r['rows']:.1f} | "
-              f"{r['padded']:.0f} | {wire[k][0]:.0f} | {wire[k][1]:.0f} | "
-              f"{r['bench_cpu']:.1f} | {r['server_cpu']:.1f} | {r['other']:.2f}{flag} |")
-    print(f"\nanchor: {anchor_rate:.1f} sentences/s at start, {anchor_end:.1f} at end "
-          f"(drift {100 * (anchor_end / anchor_rate - 1):+.1f}%); "
-          f"embedding payload = 384 x 4 = 1536 B")
+        print(
+            f"| {c} x {k} | {r['rate']:.1f} | {r['rate'] / anchor_rate:.2f} | "
+            f"{r['p50']:.1f} | {r['p99']:.1f} | {r['requests']} | {r['rows']:.1f} | "
+            f"{r['padded']:.0f} | {wire[k][0]:.0f} | {wire[k][1]:.0f} | "
+            f"{r['bench_cpu']:.1f} | {r['server_cpu']:.1f} | {r['other']:.2f}{flag} |"
+        )
+    print(
+        f"\nanchor: {anchor_rate:.1f} sentences/s at start, {anchor_end:.1f} at end "
+        f"(drift {100 * (anchor_end / anchor_rate - 1):+.1f}%); "
+        f"embedding payload = 384 x 4 = 1536 B"
+    )
     return 0
 
 

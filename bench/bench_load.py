@@ -41,9 +41,15 @@ def build(size_mb: int) -> Path:
     if not (path / "model.safetensors").is_file():
         print(f"building {path} ...", file=sys.stderr)
         torch.manual_seed(0)
-        cfg = transformers.GPT2Config(vocab_size=tiny_models.VOCAB, n_positions=512, n_embd=width,
-                                      n_layer=layers, n_head=16, bos_token_id=101,
-                                      eos_token_id=102)
+        cfg = transformers.GPT2Config(
+            vocab_size=tiny_models.VOCAB,
+            n_positions=512,
+            n_embd=width,
+            n_layer=layers,
+            n_head=16,
+            bos_token_id=101,
+            eos_token_id=102,
+        )
         path.mkdir(parents=True, exist_ok=True)
         transformers.GPT2LMHeadModel(cfg).save_pretrained(path)
         tiny_models.copy_tokenizer(path)
@@ -61,8 +67,9 @@ def raw_read(path: Path) -> float:
 
 
 def modelcache_load(path: Path, callers: int = 1) -> tuple[dict[str, float], float, int]:
-    registry = ModelRegistry(parse_config({"models": [
-        {"name": "bench", "source": str(path), "task": "causal-lm"}]}))
+    registry = ModelRegistry(
+        parse_config({"models": [{"name": "bench", "source": str(path), "task": "causal-lm"}]})
+    )
     registry.prepare()
     barrier = threading.Barrier(callers)
     started = time.perf_counter()
@@ -110,8 +117,10 @@ def main() -> None:
         walls64.append(wall64)
         hf.append(hf_load(path))
     raw = statistics.median(reads)
-    print(f"\nmodel: {path.name}, {size / 2**20:.0f} MiB float32 safetensors, "
-          f"{args.repeats} interleaved repeats, medians, torch threads {torch.get_num_threads()}")
+    print(
+        f"\nmodel: {path.name}, {size / 2**20:.0f} MiB float32 safetensors, "
+        f"{args.repeats} interleaved repeats, medians, torch threads {torch.get_num_threads()}"
+    )
     print(f"{'stage':<28}{'seconds':>10}{'x raw read':>12}")
     print(f"{'raw sequential read':<28}{raw:>10.3f}{1:>12.2f}")
     for stage in ("resolve", "read", "materialize", "verify", "warmup", "total"):
@@ -124,8 +133,10 @@ def main() -> None:
     print(f"\n{'callers':<28}{'wall s':>10}{'x one':>12}{'loads':>8}")
     print(f"{'1':<28}{w1:>10.3f}{1:>12.2f}{1:>8}")
     print(f"{'64 concurrent':<28}{w64:>10.3f}{w64 / w1:>12.2f}{1:>8}")
-    print(f"\nread throughput: {size / raw / 2**30:.2f} GiB/s raw, "
-          f"{size / statistics.median(st['read'] for st in loads) / 2**30:.2f} GiB/s modelcache")
+    print(
+        f"\nread throughput: {size / raw / 2**30:.2f} GiB/s raw, "
+        f"{size / statistics.median(st['read'] for st in loads) / 2**30:.2f} GiB/s modelcache"
+    )
 
 
 if __name__ == "__main__":

@@ -44,11 +44,17 @@ def build_model(dest: Path) -> None:
     from modelcache.examples import bundled_minilm
 
     torch.manual_seed(0)
-    cfg = transformers.GPT2Config(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12,
-                                  n_head=12, bos_token_id=101, eos_token_id=102)
+    cfg = transformers.GPT2Config(
+        vocab_size=50257,
+        n_positions=1024,
+        n_embd=768,
+        n_layer=12,
+        n_head=12,
+        bos_token_id=101,
+        eos_token_id=102,
+    )
     transformers.GPT2LMHeadModel(cfg).save_pretrained(dest)
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt",
-                 "special_tokens_map.json"):
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         if (bundled_minilm() / name).is_file():
             shutil.copy(bundled_minilm() / name, dest / name)
 
@@ -65,9 +71,9 @@ def make_requests(n_seq: int, per_request: int) -> list[list[list[int]]]:
     seqs, pos = [], 0
     for _ in range(n_seq):
         n = int(rng.integers(64, 193))
-        seqs.append(stream[pos: pos + n])
+        seqs.append(stream[pos : pos + n])
         pos += n
-    return [seqs[i: i + per_request] for i in range(0, n_seq, per_request)]
+    return [seqs[i : i + per_request] for i in range(0, n_seq, per_request)]
 
 
 def baseline(model: Any, requests: list[list[list[int]]]) -> float:
@@ -92,12 +98,14 @@ def baseline(model: Any, requests: list[list[list[int]]]) -> float:
         return tokens / (time.perf_counter() - start)
 
 
-async def served(address: str, requests: list[list[list[int]]], clients: int,
-                 stats: bool) -> tuple[float, list[float]]:
+async def served(
+    address: str, requests: list[list[list[int]]], clients: int, stats: bool
+) -> tuple[float, list[float]]:
     from modelcache.client import AsyncModelCacheClient
 
-    flags: dict[str, Any] = ({"entropy": True, "expected_logprob": True, "rank": True,
-                              "top_k": 5} if stats else {})
+    flags: dict[str, Any] = (
+        {"entropy": True, "expected_logprob": True, "rank": True, "top_k": 5} if stats else {}
+    )
     queue = list(requests)
     latencies: list[float] = []
     async with AsyncModelCacheClient(address, timeout=600) as client:
@@ -122,14 +130,17 @@ def wire_bytes(daemon: Daemon, seqs: list[list[int]]) -> list[tuple[str, float]]
 
     out = []
     tokens = sum(map(len, seqs))
-    for label, flags in (("log-probs only", {}),
-                         ("+ entropy + E/Var[log p]", {"entropy": True,
-                                                        "expected_logprob": True}),
-                         ("+ entropy + E/Var + rank + top-5", {"entropy": True,
-                                                               "expected_logprob": True,
-                                                               "rank": True, "top_k": 5})):
-        req = pb.LogProbsRequest(model="gpt2-small", token_ids=[pb.TokenIds(ids=s) for s in seqs],
-                                 **flags)
+    for label, flags in (
+        ("log-probs only", {}),
+        ("+ entropy + E/Var[log p]", {"entropy": True, "expected_logprob": True}),
+        (
+            "+ entropy + E/Var + rank + top-5",
+            {"entropy": True, "expected_logprob": True, "rank": True, "top_k": 5},
+        ),
+    ):
+        req = pb.LogProbsRequest(
+            model="gpt2-small", token_ids=[pb.TokenIds(ids=s) for s in seqs], **flags
+        )
         out.append((label, daemon.stub().LogProbs(req, timeout=600).ByteSize() / tokens))
     return out
 
@@ -154,12 +165,22 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-logprobs-") as tmp:
         model_dir = Path(tmp) / "gpt2-small"
         build_model(model_dir)
-        print(f"model: GPT-2-small shape (124M params, vocab 50257), random init; "
-              f"{len(requests)} requests x {args.per_request} sequences, {n_tokens} tokens; "
-              f"torch threads={torch.get_num_threads()} cores={os.cpu_count()}")
+        print(
+            f"model: GPT-2-small shape (124M params, vocab 50257), random init; "
+            f"{len(requests)} requests x {args.per_request} sequences, {n_tokens} tokens; "
+            f"torch threads={torch.get_num_threads()} cores={os.cpu_count()}"
+        )
         model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
-        config = {"models": [{"name": "gpt2-small", "source": str(model_dir),
-                              "task": "causal-lm", "max_length": 1024}]}
+        config = {
+            "models": [
+                {
+                    "name": "gpt2-small",
+                    "source": str(model_dir),
+                    "task": "causal-lm",
+                    "max_length": 1024,
+                }
+            ]
+        }
         with Daemon(config) as daemon:
             wire = wire_bytes(daemon, requests[0])
             # Rounds interleave the three measurements, so a slow drift in the machine's
@@ -170,15 +191,18 @@ def main() -> int:
                 for stats in (False, True):
                     quiet([daemon.pid], args.quiet_threshold, args.quiet_wait)
                     cpu = MachineCpu(daemon.pid)
-                    rate, lat = asyncio.run(served(daemon.address, requests, args.clients,
-                                                   stats))
+                    rate, lat = asyncio.run(served(daemon.address, requests, args.clients, stats))
                     rows[stats].append((rate, sorted(lat), cpu.stop()))
     base = statistics.median(bases)
-    print(f"baseline (in-process forward + log_softmax + gather): median {base:.1f} tokens/s "
-          f"over {len(bases)} rounds ({', '.join(f'{b:.1f}' for b in bases)})")
+    print(
+        f"baseline (in-process forward + log_softmax + gather): median {base:.1f} tokens/s "
+        f"over {len(bases)} rounds ({', '.join(f'{b:.1f}' for b in bases)})"
+    )
 
-    print(f"\n| modelcache ({args.clients} clients) | tokens/s | ratio vs baseline | "
-          "p50 s | max s | bench CPU s | server CPU s | other cores |")
+    print(
+        f"\n| modelcache ({args.clients} clients) | tokens/s | ratio vs baseline | "
+        "p50 s | max s | bench CPU s | server CPU s | other cores |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for stats in (False, True):
         rate = statistics.median(r for r, _, _ in rows[stats])
@@ -186,9 +210,11 @@ def main() -> int:
         usage = {k: statistics.median(u[k] for *_, u in rows[stats]) for k in rows[stats][0][2]}
         label = "all statistics + top-5" if stats else "log-probs only"
         flag = " !" if usage["other"] > 0.3 else ""
-        print(f"| {label} | {rate:.1f} | {rate / base:.2f} | {lat[len(lat) // 2]:.2f} | "
-              f"{lat[-1]:.2f} | {usage['bench_cpu']:.1f} | {usage['server_cpu']:.1f} | "
-              f"{usage['other']:.2f}{flag} |")
+        print(
+            f"| {label} | {rate:.1f} | {rate / base:.2f} | {lat[len(lat) // 2]:.2f} | "
+            f"{lat[-1]:.2f} | {usage['bench_cpu']:.1f} | {usage['server_cpu']:.1f} | "
+            f"{usage['other']:.2f}{flag} |"
+        )
     print("\n| response contents | bytes per token on the wire |")
     print("|---|---:|")
     for label, per_token in wire:

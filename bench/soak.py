@@ -60,9 +60,37 @@ from modelcache.v1 import modelcache_pb2 as pb
 from modelcache.v1 import modelcache_pb2_grpc as pb_grpc
 
 CHANNELS = 4
-WORDS = ["model", "cache", "loads", "every", "weight", "once", "and", "serves", "embeddings",
-         "with", "log", "probs", "to", "many", "training", "pods", "over", "loopback", "while",
-         "the", "queue", "stays", "bounded", "nothing", "leaks", "at", "all", "ünïcödé", "🙂"]
+WORDS = [
+    "model",
+    "cache",
+    "loads",
+    "every",
+    "weight",
+    "once",
+    "and",
+    "serves",
+    "embeddings",
+    "with",
+    "log",
+    "probs",
+    "to",
+    "many",
+    "training",
+    "pods",
+    "over",
+    "loopback",
+    "while",
+    "the",
+    "queue",
+    "stays",
+    "bounded",
+    "nothing",
+    "leaks",
+    "at",
+    "all",
+    "ünïcödé",
+    "🙂",
+]
 
 
 def corpus(n: int, seed: int = 6) -> list[str]:
@@ -151,9 +179,16 @@ class Soak:
             else:
                 method, texts = "LogProbs", rng.sample(self.texts, rng.randint(1, 2))
                 extra = rng.random() < 0.3
-                call, req = stub.LogProbs, pb.LogProbsRequest(
-                    model="gpt2", inputs=texts, top_k=5 if extra else 0, entropy=extra,
-                    rank=extra)
+                call, req = (
+                    stub.LogProbs,
+                    pb.LogProbsRequest(
+                        model="gpt2",
+                        inputs=texts,
+                        top_k=5 if extra else 0,
+                        entropy=extra,
+                        rank=extra,
+                    ),
+                )
             measured = self.measuring
             self.inflight += 1
             started = time.perf_counter()
@@ -193,8 +228,13 @@ class Soak:
         (tokenization executor, gRPC) reach their size during the warm-up."""
         texts = ["fill the pools"]
         for _ in range(3):
-            calls = [stub.Embed(pb.EmbedRequest(model="minilm", inputs=texts, truncate=True),
-                                timeout=self.args.timeout) for _ in range(256)]
+            calls = [
+                stub.Embed(
+                    pb.EmbedRequest(model="minilm", inputs=texts, truncate=True),
+                    timeout=self.args.timeout,
+                )
+                for _ in range(256)
+            ]
             self.inflight += len(calls)
             try:
                 for resp in await asyncio.gather(*calls):
@@ -212,14 +252,16 @@ class Soak:
         try:
             await self.references(stubs[0])
             served_before = self.daemon.metric("modelcache_requests_total", code="OK")
-            tasks = [asyncio.ensure_future(self.client(stubs[i % CHANNELS], i))
-                     for i in range(a.clients)]
+            tasks = [
+                asyncio.ensure_future(self.client(stubs[i % CHANNELS], i)) for i in range(a.clients)
+            ]
             warm_until = time.monotonic() + a.warmup
             await self.fill_pools(stubs[0])
             # Warm-up: at least --warmup s, then until the thread count held for 5 s.
             last_change, threads = time.monotonic(), thread_count(self.daemon.pid)
             while (now := time.monotonic()) < warm_until or (
-                    now - last_change < 5.0 and now < warm_until + 2 * a.warmup):
+                now - last_change < 5.0 and now < warm_until + 2 * a.warmup
+            ):
                 await asyncio.sleep(0.5)
                 if (t := thread_count(self.daemon.pid)) != threads:
                     last_change, threads = time.monotonic(), t
@@ -248,25 +290,42 @@ class Soak:
         ok = sum(n for (_, code), n in self.codes.items() if code == "OK")
         requests = sum(n for (_, code), n in self.codes.items())
         window = t1 - t0
-        per_method = {m: {"requests": len(v), "p50_ms": nearest_rank(v, 50) * 1e3,
-                          "p99_ms": nearest_rank(v, 99) * 1e3, "max_ms": max(v) * 1e3}
-                      for m, v in sorted(self.lat.items())}
+        per_method = {
+            m: {
+                "requests": len(v),
+                "p50_ms": nearest_rank(v, 50) * 1e3,
+                "p99_ms": nearest_rank(v, 99) * 1e3,
+                "max_ms": max(v) * 1e3,
+            }
+            for m, v in sorted(self.lat.items())
+        }
         errors = {f"{m}:{c}": n for (m, c), n in sorted(self.codes.items()) if c != "OK"}
         return {
-            "clients": a.clients, "seconds": round(window, 1),
+            "clients": a.clients,
+            "seconds": round(window, 1),
             "warmup": round(t0 - (warm_until - a.warmup), 1),
-            "requests": requests, "ok": ok, "errors": errors, "wrong": self.wrong[:5],
-            "requests_per_s": ok / window, "sequences_per_s": self.sequences / window,
+            "requests": requests,
+            "ok": ok,
+            "errors": errors,
+            "wrong": self.wrong[:5],
+            "requests_per_s": ok / window,
+            "sequences_per_s": self.sequences / window,
             "latency": per_method,
             # idle (no request in flight) at the start and the end of the window
-            "rss_start": rss0, "rss_end": rss1, "rss_growth": rss1 / rss0 - 1,
+            "rss_start": rss0,
+            "rss_end": rss1,
+            "rss_growth": rss1 / rss0 - 1,
             "rss_loaded_min": min((r for r, _ in loaded), default=rss0),
             "rss_loaded_max": max((r for r, _ in loaded), default=rss0),
-            "threads_start": thr0, "threads_end": thr1, "thread_growth": thr1 / thr0 - 1,
+            "threads_start": thr0,
+            "threads_end": thr1,
+            "thread_growth": thr1 / thr0 - 1,
             "threads_peak": max((n for _, n in loaded), default=thr0),
             # every OK the clients saw (warm-up, window) was counted by the daemon, once
-            "daemon_ok": int(served_after - served_before), "client_ok": self.ok_total,
-            "daemon_ok_window": int(served_after - served_warm), "pid": self.daemon.pid,
+            "daemon_ok": int(served_after - served_before),
+            "client_ok": self.ok_total,
+            "daemon_ok_window": int(served_after - served_warm),
+            "pid": self.daemon.pid,
         }
 
 
@@ -280,8 +339,9 @@ def table(r: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---:|",
     ]
     for m, v in r["latency"].items():
-        lines.append(f"| {m} | {v['requests']} | {v['p50_ms']:.1f} | {v['p99_ms']:.1f} | "
-                     f"{v['max_ms']:.1f} |")
+        lines.append(
+            f"| {m} | {v['requests']} | {v['p50_ms']:.1f} | {v['p99_ms']:.1f} | {v['max_ms']:.1f} |"
+        )
     lines += [
         "",
         f"throughput: {r['requests_per_s']:.1f} requests/s, {r['sequences_per_s']:.1f} "
@@ -301,21 +361,39 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=600.0)
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--warmup", type=float, default=30.0)
-    ap.add_argument("--max-requests", type=int, default=None,
-                    help="stop the measured window after this many requests")
+    ap.add_argument(
+        "--max-requests",
+        type=int,
+        default=None,
+        help="stop the measured window after this many requests",
+    )
     ap.add_argument("--timeout", type=float, default=60.0, help="per-request deadline")
     ap.add_argument("--max-growth", type=float, default=0.05)
     ap.add_argument("--json", type=Path, default=None, help="write the results here too")
-    ap.add_argument("--allocator", choices=["fixed", "glibc"], default="fixed",
-                    help="glibc malloc thresholds of the daemon (see the module docstring)")
+    ap.add_argument(
+        "--allocator",
+        choices=["fixed", "glibc"],
+        default="fixed",
+        help="glibc malloc thresholds of the daemon (see the module docstring)",
+    )
     args = ap.parse_args(argv)
-    env = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"} \
-        if args.allocator == "fixed" else {}
+    env = (
+        {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+        if args.allocator == "fixed"
+        else {}
+    )
 
-    config = {"models": [
-        {"name": "minilm", "source": str(bundled_minilm()), "task": "embedding",
-         "max_length": 256},
-        {"name": "gpt2", "source": str(build_lm()), "task": "causal-lm"}]}
+    config = {
+        "models": [
+            {
+                "name": "minilm",
+                "source": str(bundled_minilm()),
+                "task": "embedding",
+                "max_length": 256,
+            },
+            {"name": "gpt2", "source": str(build_lm()), "task": "causal-lm"},
+        ]
+    }
     with tempfile.TemporaryDirectory(prefix="modelcache-soak-") as tmp:
         daemon = ServeProcess(config, Path(tmp), name="soak", env=env)
         with daemon:
@@ -329,9 +407,13 @@ def main(argv: list[str] | None = None) -> int:
     print(table(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
-    bad = (result["errors"] or not alive or result["rss_growth"] >= args.max_growth
-           or result["thread_growth"] >= args.max_growth
-           or result["daemon_ok"] != result["client_ok"])
+    bad = (
+        result["errors"]
+        or not alive
+        or result["rss_growth"] >= args.max_growth
+        or result["thread_growth"] >= args.max_growth
+        or result["daemon_ok"] != result["client_ok"]
+    )
     return 1 if bad else 0
 
 

@@ -56,25 +56,36 @@ def _preload(args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]] = []
     for e in entries:
         lm = e.loaded
-        rows.append({
-            "name": e.spec.name, "task": e.spec.task,
-            "device": str(lm.device) if lm else e.spec.device,
-            "dtype": e.spec.dtype, "bytes": lm.weight_bytes if lm else 0,
-            "load_seconds": e.stage_seconds, "fingerprint": lm.fingerprint if lm else "",
-            "revision": lm.revision if lm else (e.spec.revision or ""),
-            "status": e.state.value, "error": e.error, "error_class": e.error_class,
-        })
+        rows.append(
+            {
+                "name": e.spec.name,
+                "task": e.spec.task,
+                "device": str(lm.device) if lm else e.spec.device,
+                "dtype": e.spec.dtype,
+                "bytes": lm.weight_bytes if lm else 0,
+                "load_seconds": e.stage_seconds,
+                "fingerprint": lm.fingerprint if lm else "",
+                "revision": lm.revision if lm else (e.spec.revision or ""),
+                "status": e.state.value,
+                "error": e.error,
+                "error_class": e.error_class,
+            }
+        )
     failed = [e for e in entries if e.state is not ModelState.READY]
     if args.json:
         print(json.dumps({"models": rows, "versions": versions()}, indent=2))
     else:
-        header = f"{'NAME':<20} {'TASK':<10} {'DEVICE':<7} {'DTYPE':<9} {'BYTES':>12}  " \
-                 f"{'FINGERPRINT':<16}  {'STATUS':<7} LOAD SECONDS"
+        header = (
+            f"{'NAME':<20} {'TASK':<10} {'DEVICE':<7} {'DTYPE':<9} {'BYTES':>12}  "
+            f"{'FINGERPRINT':<16}  {'STATUS':<7} LOAD SECONDS"
+        )
         print(header)
         for r in rows:
-            print(f"{r['name']:<20} {r['task']:<10} {r['device']:<7} {r['dtype']:<9} "
-                  f"{r['bytes']:>12}  {r['fingerprint'][:16]:<16}  {r['status']:<7} "
-                  f"{_fmt_seconds(r['load_seconds'])}")
+            print(
+                f"{r['name']:<20} {r['task']:<10} {r['device']:<7} {r['dtype']:<9} "
+                f"{r['bytes']:>12}  {r['fingerprint'][:16]:<16}  {r['status']:<7} "
+                f"{_fmt_seconds(r['load_seconds'])}"
+            )
         for r in rows:
             if r["error"]:
                 print(f"\n{r['name']} failed ({r['error_class']}): {r['error']}", file=sys.stderr)
@@ -122,8 +133,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     from modelcache.config import ConfigError
 
     try:

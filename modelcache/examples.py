@@ -20,9 +20,16 @@ def bundled_minilm() -> Path:
 def default_config() -> dict[str, object]:
     return {
         "models": [
-            {"name": "minilm", "source": str(bundled_minilm()), "task": "embedding",
-             "dtype": "float32", "device": "cpu", "pooling": "mean", "normalize": True,
-             "max_length": 256},
+            {
+                "name": "minilm",
+                "source": str(bundled_minilm()),
+                "task": "embedding",
+                "dtype": "float32",
+                "device": "cpu",
+                "pooling": "mean",
+                "normalize": True,
+                "max_length": 256,
+            },
         ],
     }
 

@@ -52,11 +52,23 @@ class ServeProcess:
     """One ``modelcache serve`` child. ``start()`` returns once gRPC answers (models may
     still be loading); ``wait_settled()`` waits until no model is pending or loading."""
 
-    def __init__(self, config: dict[str, Any], workdir: Path, *, port: int = 0,
-                 env: dict[str, str] | None = None, name: str = "daemon") -> None:
+    def __init__(
+        self,
+        config: dict[str, Any],
+        workdir: Path,
+        *,
+        port: int = 0,
+        env: dict[str, str] | None = None,
+        name: str = "daemon",
+    ) -> None:
         self.config, self.workdir, self.port = config, workdir, port
-        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                    "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+        self.env = {
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            **(env or {}),
+        }
         self.name = name
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = workdir / f"{name}.log"
@@ -85,9 +97,25 @@ class ServeProcess:
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "modelcache.cli", "serve", "--config", str(cfg),
-                 "--host", "127.0.0.1", "--port", str(self.port), "--metrics-port", "0"],
-                stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=REPO)
+                [
+                    sys.executable,
+                    "-m",
+                    "modelcache.cli",
+                    "serve",
+                    "--config",
+                    str(cfg),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    "--metrics-port",
+                    "0",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                cwd=REPO,
+            )
         deadline = time.monotonic() + timeout
         while True:
             with open(self.log_path, "rb") as f:
@@ -97,12 +125,14 @@ class ServeProcess:
                 self.port = int(found.group(1))
                 return self
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n"
-                                   f"{self.log()[-3000:]}")
+                raise RuntimeError(
+                    f"{self.name} exited with {self.proc.returncode}:\n{self.log()[-3000:]}"
+                )
             if time.monotonic() > deadline:
                 self.kill()
-                raise TimeoutError(f"{self.name} did not start in {timeout}s:\n"
-                                   f"{self.log()[-3000:]}")
+                raise TimeoutError(
+                    f"{self.name} did not start in {timeout}s:\n{self.log()[-3000:]}"
+                )
             time.sleep(0.02)
 
     def metrics_url(self, timeout: float = 30.0) -> str:
@@ -125,8 +155,9 @@ class ServeProcess:
         total = 0.0
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
-                if sample.name == name and all(sample.labels.get(k) == v
-                                               for k, v in labels.items()):
+                if sample.name == name and all(
+                    sample.labels.get(k) == v for k, v in labels.items()
+                ):
                     total += float(sample.value)
         return total
 

@@ -20,8 +20,12 @@ from transformers import PreTrainedTokenizerFast
 
 from modelcache.examples import bundled_minilm
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt",
-                    "special_tokens_map.json")
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "special_tokens_map.json",
+)
 
 
 def bare_tokenizer(dest: Path) -> Path:
@@ -33,8 +37,9 @@ def bare_tokenizer(dest: Path) -> Path:
     tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]",
-                            pad_token="[PAD]").save_pretrained(dest)
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]"
+    ).save_pretrained(dest)
     return dest
 
 
@@ -50,21 +55,36 @@ def small_vocab_tokenizer(dest: Path, size: int, special_tokens: bool = True) ->
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     if special_tokens:
         tok.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-            special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
-                            cls_token="[CLS]", sep_token="[SEP]",
-                            mask_token="[MASK]").save_pretrained(dest)
+            single="[CLS] $A [SEP]",
+            pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+        )
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    ).save_pretrained(dest)
     return dest
 
 
-def small_gpt2(dest: Path, *, vocab: int = 2048, special_tokens: bool = True,
-               seed: int = 0) -> Path:
+def small_gpt2(
+    dest: Path, *, vocab: int = 2048, special_tokens: bool = True, seed: int = 0
+) -> Path:
     """A 2-layer GPT-2 over a ``vocab``-token vocabulary: the [B, T, V] log-prob work per
     token is 15x smaller than over the full 30522, which keeps a 10k-request fuzz fast."""
     torch.manual_seed(seed)
-    cfg = transformers.GPT2Config(vocab_size=vocab, n_positions=64, n_embd=64, n_layer=2,
-                                  n_head=4, bos_token_id=2, eos_token_id=3)
+    cfg = transformers.GPT2Config(
+        vocab_size=vocab,
+        n_positions=64,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
     dest.mkdir(parents=True, exist_ok=True)
     transformers.GPT2LMHeadModel(cfg).save_pretrained(dest)
     return small_vocab_tokenizer(dest, vocab, special_tokens)
@@ -78,7 +98,7 @@ def copy_model(src: Path, dest: Path) -> Path:
 def _header(f: Path) -> tuple[int, dict[str, dict[str, object]]]:
     raw = f.read_bytes()
     n = struct.unpack("<Q", raw[:8])[0]
-    return n, json.loads(raw[8:8 + n])
+    return n, json.loads(raw[8 : 8 + n])
 
 
 def truncate_weights(path: Path, keep_fraction: float = 0.6) -> Path:
@@ -118,8 +138,10 @@ def needs_remote_code(path: Path) -> Path:
     """A checkpoint whose config maps AutoModel to code shipped next to it; the code
     would end the process if it ever ran."""
     cfg = json.loads((path / "config.json").read_text())
-    cfg["auto_map"] = {"AutoModel": "modeling_evil.EvilModel",
-                       "AutoModelForCausalLM": "modeling_evil.EvilModel"}
+    cfg["auto_map"] = {
+        "AutoModel": "modeling_evil.EvilModel",
+        "AutoModelForCausalLM": "modeling_evil.EvilModel",
+    }
     (path / "config.json").write_text(json.dumps(cfg))
     (path / "modeling_evil.py").write_text("import os\nos._exit(97)\n")
     return path
@@ -136,9 +158,15 @@ def big_gpt2(root: Path, size_mb: int = 400) -> Path:
         tmp = root / f".{path.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         torch.manual_seed(0)
-        cfg = transformers.GPT2Config(vocab_size=tiny_models.VOCAB, n_positions=512,
-                                      n_embd=width, n_layer=layers, n_head=16,
-                                      bos_token_id=101, eos_token_id=102)
+        cfg = transformers.GPT2Config(
+            vocab_size=tiny_models.VOCAB,
+            n_positions=512,
+            n_embd=width,
+            n_layer=layers,
+            n_head=16,
+            bos_token_id=101,
+            eos_token_id=102,
+        )
         tmp.mkdir(parents=True)
         transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp)
         tiny_models.copy_tokenizer(tmp)

@@ -32,14 +32,21 @@ T = TypeVar("T")
 
 
 class RunningDaemon:
-    def __init__(self, config: DaemonConfig, registry: ModelRegistry,
-                 settings: DaemonSettings | None = None, metrics: bool = False) -> None:
+    def __init__(
+        self,
+        config: DaemonConfig,
+        registry: ModelRegistry,
+        settings: DaemonSettings | None = None,
+        metrics: bool = False,
+    ) -> None:
         self.config, self.registry = config, registry
-        self.settings = settings or DaemonSettings(host="127.0.0.1", port=0, metrics_port=0,
-                                                   watchdog_interval=0.5, grpc_threads=4)
+        self.settings = settings or DaemonSettings(
+            host="127.0.0.1", port=0, metrics_port=0, watchdog_interval=0.5, grpc_threads=4
+        )
         self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="test-daemon-loop",
-                                       daemon=True)
+        self.thread = threading.Thread(
+            target=self.loop.run_forever, name="test-daemon-loop", daemon=True
+        )
         self.thread.start()
         self.server = DaemonServer(config, self.settings, registry)
         self.port = self.call(self.server.start())
@@ -62,8 +69,9 @@ def model(name: str, path: Path, task: str, **kw: Any) -> dict[str, Any]:
 
 def minilm_spec(name: str = "minilm") -> dict[str, Any]:
     """The bundled model as ``make run`` serves it."""
-    return model(name, bundled_minilm(), "embedding", pooling="mean", normalize=True,
-                 max_length=256)
+    return model(
+        name, bundled_minilm(), "embedding", pooling="mean", normalize=True, max_length=256
+    )
 
 
 def metric(name: str, **labels: str) -> float:
@@ -84,19 +92,27 @@ def tiny_lms(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("serving-models")
     broken = tiny_models.gpt2(root / "broken", seed=9)
     os.truncate(broken / "model.safetensors", 10)
-    return {"gpt2": tiny_models.gpt2(root / "gpt2"), "llama": tiny_models.llama(root / "llama"),
-            "bert": tiny_models.bert(root / "bert"), "broken": broken}
+    return {
+        "gpt2": tiny_models.gpt2(root / "gpt2"),
+        "llama": tiny_models.llama(root / "llama"),
+        "bert": tiny_models.bert(root / "bert"),
+        "broken": broken,
+    }
 
 
 @pytest.fixture(scope="session")
 def session_config(tiny_lms: dict[str, Path]) -> DaemonConfig:
-    return parse_config({"models": [
-        minilm_spec(),
-        model("gpt2", tiny_lms["gpt2"], "causal-lm"),
-        model("llama", tiny_lms["llama"], "causal-lm"),
-        model("bert-cls", tiny_lms["bert"], "embedding", pooling="cls", normalize=False),
-        model("broken", tiny_lms["broken"], "causal-lm"),
-    ]})
+    return parse_config(
+        {
+            "models": [
+                minilm_spec(),
+                model("gpt2", tiny_lms["gpt2"], "causal-lm"),
+                model("llama", tiny_lms["llama"], "causal-lm"),
+                model("bert-cls", tiny_lms["bert"], "embedding", pooling="cls", normalize=False),
+                model("broken", tiny_lms["broken"], "causal-lm"),
+            ]
+        }
+    )
 
 
 @pytest.fixture(scope="session")
@@ -109,8 +125,9 @@ def session_registry(session_config: DaemonConfig) -> Iterator[ModelRegistry]:
 
 
 @pytest.fixture(scope="session")
-def daemon(session_config: DaemonConfig,
-           session_registry: ModelRegistry) -> Iterator[RunningDaemon]:
+def daemon(
+    session_config: DaemonConfig, session_registry: ModelRegistry
+) -> Iterator[RunningDaemon]:
     """One daemon for the session: minilm, gpt2, llama, bert-cls ready; broken failed."""
     running = RunningDaemon(session_config, session_registry, metrics=True)
     yield running

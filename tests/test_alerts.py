@@ -61,8 +61,12 @@ def test_rules_unit_tests_pass(tmp_path: Path) -> None:
 
 def test_every_alert_is_unit_tested_firing() -> None:
     tests = yaml.safe_load(ALERTS_TEST.read_text())["tests"]
-    firing = {case["alertname"] for t in tests for case in t.get("alert_rule_test", [])
-              if case.get("exp_alerts")}
+    firing = {
+        case["alertname"]
+        for t in tests
+        for case in t.get("alert_rule_test", [])
+        if case.get("exp_alerts")
+    }
     names = {r["alert"] for r in alert_rules(rendered_rules())}
     assert names >= REQUIRED, REQUIRED - names
     assert names - firing == set(), f"alerts without a firing test case: {names - firing}"
@@ -78,10 +82,16 @@ def test_every_alert_has_a_runbook() -> None:
 
 
 def test_thresholds_and_labels_come_from_values() -> None:
-    rules = rendered_rules({"notReadyMinutes": 42, "loadSecondsThreshold": 1234,
-                            "resourceExhaustedRatio": 0.25, "queueDepthThreshold": 77,
-                            "runbookBaseUrl": "https://runbooks.example/modelcache",
-                            "alertLabels": {"team": "ml-platform"}})
+    rules = rendered_rules(
+        {
+            "notReadyMinutes": 42,
+            "loadSecondsThreshold": 1234,
+            "resourceExhaustedRatio": 0.25,
+            "queueDepthThreshold": 77,
+            "runbookBaseUrl": "https://runbooks.example/modelcache",
+            "alertLabels": {"team": "ml-platform"},
+        }
+    )
     by_name = {r["alert"]: r for r in alert_rules(rules)}
     assert by_name["ModelCacheNotReady"]["for"] == "42m"
     assert by_name["ModelCacheModelNotLoaded"]["for"] == "42m"
@@ -91,13 +101,15 @@ def test_thresholds_and_labels_come_from_values() -> None:
     for name, rule in by_name.items():
         assert rule["labels"]["team"] == "ml-platform"
         assert rule["annotations"]["runbook_url"] == (
-            f"https://runbooks.example/modelcache#{name.lower()}")
+            f"https://runbooks.example/modelcache#{name.lower()}"
+        )
 
 
 def test_alerts_use_only_exported_metrics() -> None:
     """Every metric an alert reads is one modelcache/metrics.py exports (absent() included)."""
-    exported = exposition_names(generate_latest(DAEMON_REGISTRY).decode()
-                                + generate_latest(OPERATOR_REGISTRY).decode())
+    exported = exposition_names(
+        generate_latest(DAEMON_REGISTRY).decode() + generate_latest(OPERATOR_REGISTRY).decode()
+    )
     for rule in alert_rules(rendered_rules()):
         used = promql_metric_names(rule["expr"])
         assert used, rule["alert"]

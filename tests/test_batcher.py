@@ -70,8 +70,12 @@ def make(compute: Doubler) -> Iterator[Any]:
     made: list[Batcher] = []
 
     def _make(**cfg: Any) -> Batcher:
-        b = Batcher(f"t{len(made)}-{time.monotonic_ns()}", "Embed", compute,
-                    BatchingConfig(**{"max_wait_ms": 0, **cfg}))
+        b = Batcher(
+            f"t{len(made)}-{time.monotonic_ns()}",
+            "Embed",
+            compute,
+            BatchingConfig(**{"max_wait_ms": 0, **cfg}),
+        )
         b.start()
         made.append(b)
         return b
@@ -86,8 +90,7 @@ def submit(b: Batcher, items: list[int], deadline: float | None = None) -> Any:
     return b.submit(items, lengths_of(items), deadline)
 
 
-def test_requests_are_merged_and_each_gets_its_own_results(make: Any,
-                                                            compute: Doubler) -> None:
+def test_requests_are_merged_and_each_gets_its_own_results(make: Any, compute: Doubler) -> None:
     b = make(max_batch_size=64)
     compute.hold()
     first = submit(b, [1])
@@ -116,8 +119,9 @@ def test_padded_budget_and_row_limit(make: Any, compute: Doubler) -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.integers(1, 64), min_size=1, max_size=40), st.integers(1, 512),
-       st.integers(1, 16))
+@given(
+    st.lists(st.integers(1, 64), min_size=1, max_size=40), st.integers(1, 512), st.integers(1, 16)
+)
 def test_selection_invariants(lengths: list[int], max_tokens: int, max_rows: int) -> None:
     picked = select_batch(lengths, max_tokens, max_rows)
     assert 0 in picked  # the oldest sequence is never passed over
@@ -127,7 +131,7 @@ def test_selection_invariants(lengths: list[int], max_tokens: int, max_rows: int
     assert len(picked) == 1 or len(picked) * max(widths) <= max_tokens
     ranked = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
     start = ranked.index(picked[0])
-    assert ranked[start: start + len(picked)] == picked  # a contiguous run in length order
+    assert ranked[start : start + len(picked)] == picked  # a contiguous run in length order
 
 
 def test_selection_groups_similar_lengths() -> None:
@@ -136,7 +140,8 @@ def test_selection_groups_similar_lengths() -> None:
 
 
 def test_queue_full_is_immediate_and_a_big_request_fits_an_empty_queue(
-        make: Any, compute: Doubler) -> None:
+    make: Any, compute: Doubler
+) -> None:
     b = make(max_queue=4)
     compute.hold()
     running = submit(b, [1])
@@ -172,8 +177,7 @@ def test_cancelled_and_expired_requests_are_not_computed(make: Any, compute: Dou
     assert not any(77 in batch or 78 in batch for batch in compute.batches)
 
 
-def test_an_exception_fails_its_batch_and_the_worker_goes_on(make: Any,
-                                                            compute: Doubler) -> None:
+def test_an_exception_fails_its_batch_and_the_worker_goes_on(make: Any, compute: Doubler) -> None:
     b = make()
     compute.fail_on[13] = ValueError("bad row")
     with pytest.raises(ComputeFailed, match="ValueError: bad row"):
@@ -182,8 +186,9 @@ def test_an_exception_fails_its_batch_and_the_worker_goes_on(make: Any,
     assert b.healthy()
 
 
-def test_a_dead_worker_fails_its_batch_at_once_and_can_be_restarted(make: Any,
-                                                                    compute: Doubler) -> None:
+def test_a_dead_worker_fails_its_batch_at_once_and_can_be_restarted(
+    make: Any, compute: Doubler
+) -> None:
     died = threading.Event()
     b = make()
     b._on_death = died.set
@@ -212,8 +217,7 @@ def test_a_failed_batcher_refuses_everything(make: Any, compute: Doubler) -> Non
     assert not b.healthy() and not b.dead()
 
 
-def test_stop_fails_the_queue_and_finishes_the_running_batch(make: Any,
-                                                            compute: Doubler) -> None:
+def test_stop_fails_the_queue_and_finishes_the_running_batch(make: Any, compute: Doubler) -> None:
     b = make()
     compute.hold()
     running = submit(b, [3])
@@ -246,8 +250,9 @@ def test_a_batch_waits_only_for_requests_on_their_way(make: Any, compute: Double
     assert third.future.result(10) == [8]
 
 
-def test_a_batch_that_runs_too_long_marks_the_batcher_unhealthy(make: Any,
-                                                                compute: Doubler) -> None:
+def test_a_batch_that_runs_too_long_marks_the_batcher_unhealthy(
+    make: Any, compute: Doubler
+) -> None:
     b = make()
     b.stall_after = 0.05
     compute.hold()

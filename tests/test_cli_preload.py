@@ -15,17 +15,25 @@ from modelcache.examples import bundled_minilm
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "modelcache.cli", *args], capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "modelcache.cli", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_preload_table_and_json(tmp_path: Path) -> None:
     broken = tiny_models.gpt2(tmp_path / "broken")
     os.truncate(broken / "model.safetensors", 64)
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(yaml.safe_dump({"models": [
-        {"name": "minilm", "source": str(bundled_minilm()), "task": "embedding"},
-        {"name": "broken", "source": str(broken), "task": "causal-lm"}]}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "models": [
+                    {"name": "minilm", "source": str(bundled_minilm()), "task": "embedding"},
+                    {"name": "broken", "source": str(broken), "task": "causal-lm"},
+                ]
+            }
+        )
+    )
     proc = run("preload", "--config", str(cfg))
     assert proc.returncode == 1
     lines = proc.stdout.splitlines()
@@ -45,8 +53,19 @@ def test_preload_table_and_json(tmp_path: Path) -> None:
 
 def test_preload_all_ready_exits_zero(tmp_path: Path) -> None:
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(yaml.safe_dump({"models": [
-        {"name": "bert", "source": str(tiny_models.bert(tmp_path / "b")), "task": "embedding"}]}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "models": [
+                    {
+                        "name": "bert",
+                        "source": str(tiny_models.bert(tmp_path / "b")),
+                        "task": "embedding",
+                    }
+                ]
+            }
+        )
+    )
     assert run("preload", "--config", str(cfg)).returncode == 0
 
 

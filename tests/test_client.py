@@ -106,9 +106,11 @@ def test_final_errors_are_not_retried(daemon: RunningDaemon) -> None:
     retries: list[Code] = []
     policy = RetryPolicy(on_retry=lambda n, code, delay: retries.append(code))
     with ModelCacheClient(daemon.address, retry=policy) as c:
-        for call, code in ((lambda: c.embed("nope", ["x"]), Code.NOT_FOUND),
-                           (lambda: c.embed("minilm", [""]), Code.INVALID_ARGUMENT),
-                           (lambda: c.logprobs("broken", ["x"]), Code.FAILED_PRECONDITION)):
+        for call, code in (
+            (lambda: c.embed("nope", ["x"]), Code.NOT_FOUND),
+            (lambda: c.embed("minilm", [""]), Code.INVALID_ARGUMENT),
+            (lambda: c.logprobs("broken", ["x"]), Code.FAILED_PRECONDITION),
+        ):
             with pytest.raises(ModelCacheError) as info:
                 call()
             assert info.value.code == code and info.value.attempts == 1
@@ -133,8 +135,13 @@ def test_unavailable_is_retried_until_the_model_is_loaded(tiny_lms: dict[str, Pa
     try:
         registry.start_all()
         assert loading.wait(10)
-        with ModelCacheClient(daemon.address, timeout=60, retry=RetryPolicy(
-                max_attempts=50, initial_backoff=0.01, max_backoff=0.1, on_retry=on_retry)) as c:
+        with ModelCacheClient(
+            daemon.address,
+            timeout=60,
+            retry=RetryPolicy(
+                max_attempts=50, initial_backoff=0.01, max_backoff=0.1, on_retry=on_retry
+            ),
+        ) as c:
             assert c.logprobs("slow", ["eventually"])[0].logprobs.size > 0
         assert retries[:2] == [(1, Code.UNAVAILABLE), (2, Code.UNAVAILABLE)]
     finally:
@@ -152,13 +159,18 @@ def test_queue_full_is_retried(daemon: RunningDaemon, gate: ForwardGate) -> None
         gate.release.set()  # the queue drains, the retry gets in
 
     gate.hold()
-    with ModelCacheClient(daemon.address, timeout=60) as c, ModelCacheClient(
-            daemon.address, timeout=60, retry=RetryPolicy(on_retry=on_retry)) as retrying:
+    with (
+        ModelCacheClient(daemon.address, timeout=60) as c,
+        ModelCacheClient(
+            daemon.address, timeout=60, retry=RetryPolicy(on_retry=on_retry)
+        ) as retrying,
+    ):
         held = threading.Thread(target=c.logprobs, args=("gpt2", ["hold"]))
         held.start()
         assert gate.entered.wait(10)
-        fillers = [threading.Thread(target=c.logprobs, args=("gpt2", [f"f{i}"] * 256))
-                   for i in range(4)]
+        fillers = [
+            threading.Thread(target=c.logprobs, args=("gpt2", [f"f{i}"] * 256)) for i in range(4)
+        ]
         for t in fillers:
             t.start()
         wait_for(lambda: metric("modelcache_queue_depth", model="gpt2") == 1024, "a full queue")
@@ -181,11 +193,13 @@ def test_deadline_is_final_and_prompt(daemon: RunningDaemon, gate: ForwardGate) 
         held.join(30)
 
 
-def test_cancelling_an_async_call_drops_it_from_the_queue(daemon: RunningDaemon,
-                                                           gate: ForwardGate) -> None:
+def test_cancelling_an_async_call_drops_it_from_the_queue(
+    daemon: RunningDaemon, gate: ForwardGate
+) -> None:
     def cancelled() -> float:
-        return metric("modelcache_requests_total", model="gpt2", method="LogProbs",
-                      code="CANCELLED")
+        return metric(
+            "modelcache_requests_total", model="gpt2", method="LogProbs", code="CANCELLED"
+        )
 
     before = cancelled()
 
@@ -195,13 +209,18 @@ def test_cancelling_an_async_call_drops_it_from_the_queue(daemon: RunningDaemon,
             held = asyncio.ensure_future(ac.logprobs("gpt2", ["hold"]))
             await asyncio.get_running_loop().run_in_executor(None, gate.entered.wait, 10)
             doomed = asyncio.ensure_future(ac.logprobs("gpt2", token_ids=[[101, 6161, 102]]))
-            await asyncio.get_running_loop().run_in_executor(None, wait_for, lambda: metric(
-                "modelcache_queue_depth", model="gpt2") == 1, "the request to queue")
+            await asyncio.get_running_loop().run_in_executor(
+                None,
+                wait_for,
+                lambda: metric("modelcache_queue_depth", model="gpt2") == 1,
+                "the request to queue",
+            )
             doomed.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await doomed
             await asyncio.get_running_loop().run_in_executor(
-                None, wait_for, lambda: cancelled() == before + 1, "the server to drop it")
+                None, wait_for, lambda: cancelled() == before + 1, "the server to drop it"
+            )
             gate.release.set()
             await held
             await ac.logprobs("gpt2", ["after"])
@@ -211,7 +230,8 @@ def test_cancelling_an_async_call_drops_it_from_the_queue(daemon: RunningDaemon,
 
 
 def test_wait_until_serving_waits_for_a_server_that_is_not_up_yet(
-        session_config: Any, session_registry: ModelRegistry) -> None:
+    session_config: Any, session_registry: ModelRegistry
+) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -219,8 +239,10 @@ def test_wait_until_serving_waits_for_a_server_that_is_not_up_yet(
     box: dict[str, RunningDaemon] = {}
     with ModelCacheClient(f"127.0.0.1:{port}", timeout=30) as c:
         # The server comes up only after the client has started waiting for it.
-        starter = threading.Timer(0.3, lambda: box.setdefault(
-            "d", RunningDaemon(session_config, session_registry, settings)))
+        starter = threading.Timer(
+            0.3,
+            lambda: box.setdefault("d", RunningDaemon(session_config, session_registry, settings)),
+        )
         starter.start()
         try:
             c.wait_until_serving("minilm", timeout=60)

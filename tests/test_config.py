@@ -18,7 +18,12 @@ def test_minimal_config_gets_documented_defaults(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path, text))
     m = cfg.models[0]
     assert (m.dtype, m.device, m.pooling, m.normalize, m.max_length) == (
-        "float32", "cpu", "mean", True, 512)
+        "float32",
+        "cpu",
+        "mean",
+        True,
+        512,
+    )
     assert m.allow_missing == () and m.trust_remote_code is False
 
 
@@ -39,15 +44,21 @@ def test_missing_file_names_the_path(tmp_path: Path) -> None:
         ({"name": "m", "source": "/m", "task": "embedding", "dtype": "float64"}, "models.0.dtype"),
         ({"name": "m", "source": "/m", "task": "embedding", "device": "gpu"}, "models.0.device"),
         ({"name": "m", "source": "/m", "task": "embedding", "pooling": "max"}, "models.0.pooling"),
-        ({"name": "m", "source": "/m", "task": "embedding", "max_length": 0},
-         "models.0.max_length"),
+        (
+            {"name": "m", "source": "/m", "task": "embedding", "max_length": 0},
+            "models.0.max_length",
+        ),
         ({"name": "Bad Name", "source": "/m", "task": "embedding"}, "models.0.name"),
-        ({"name": "m", "source": "/m", "task": "embedding", "allow_missing": ["("]},
-         "models.0.allow_missing"),
+        (
+            {"name": "m", "source": "/m", "task": "embedding", "allow_missing": ["("]},
+            "models.0.allow_missing",
+        ),
         ({"name": "m", "source": "/m", "task": "embedding", "colour": "red"}, "models.0.colour"),
         ({"name": "m", "source": "org/model", "task": "embedding"}, "models.0"),
-        ({"name": "m", "source": "org/model", "revision": "main", "task": "embedding"},
-         "models.0.revision"),
+        (
+            {"name": "m", "source": "org/model", "revision": "main", "task": "embedding"},
+            "models.0.revision",
+        ),
     ],
 )
 def test_invalid_fields_are_named(model: dict, field: str) -> None:
@@ -59,8 +70,13 @@ def test_invalid_fields_are_named(model: dict, field: str) -> None:
 def test_hub_id_needs_a_commit_sha() -> None:
     with pytest.raises(ConfigError, match="commit sha"):
         parse_config({"models": [{"name": "m", "source": "gpt2/small", "task": "causal-lm"}]})
-    cfg = parse_config({"models": [{"name": "m", "source": "openai/gpt2", "task": "causal-lm",
-                                    "revision": "a" * 40}]})
+    cfg = parse_config(
+        {
+            "models": [
+                {"name": "m", "source": "openai/gpt2", "task": "causal-lm", "revision": "a" * 40}
+            ]
+        }
+    )
     assert cfg.models[0].is_hub_id
 
 

@@ -40,9 +40,13 @@ from modelcache.metrics import OPERATOR_REGISTRY
 GENERATOR = REPO / "deploy" / "monitoring" / "gen_dashboard.py"
 SCHEMA = GRAFANA_DIR / "node_modules" / "@grafana" / "schema" / "dist" / "types"
 # Panel plugin -> its panelcfg module in @grafana/schema, and whether it has a FieldConfig.
-PLUGINS = {"timeseries": ("timeseries", True), "stat": ("stat", False),
-           "bargauge": ("bargauge", False), "table": ("table", True),
-           "state-timeline": ("statetimeline", True)}
+PLUGINS = {
+    "timeseries": ("timeseries", True),
+    "stat": ("stat", False),
+    "bargauge": ("bargauge", False),
+    "table": ("table", True),
+    "state-timeline": ("statetimeline", True),
+}
 
 TS_PRELUDE = """\
 import type {{ Dashboard }} from "@grafana/schema";
@@ -65,8 +69,9 @@ export const dashboard: Json<Dashboard> = {body};
 
 def _emit(value: Any, path: tuple[Any, ...], wrap: dict[tuple[Any, ...], str]) -> str:
     if isinstance(value, dict):
-        inner = ", ".join(f"{json.dumps(k)}: {_emit(v, (*path, k), wrap)}"
-                          for k, v in value.items())
+        inner = ", ".join(
+            f"{json.dumps(k)}: {_emit(v, (*path, k), wrap)}" for k, v in value.items()
+        )
         text = "{" + inner + "}"
     elif isinstance(value, list):
         text = "[" + ", ".join(_emit(v, (*path, i), wrap) for i, v in enumerate(value)) + "]"
@@ -92,7 +97,8 @@ def dashboard_ts(dash: dict[str, Any]) -> str:
             wrap[("panels", i, "options")] = f"Json<{alias}Options>"
             if has_field_config:
                 wrap[("panels", i, "fieldConfig", "defaults", "custom")] = (
-                    f"DeepPartial<Json<{alias}FieldConfig>>")
+                    f"DeepPartial<Json<{alias}FieldConfig>>"
+                )
     unknown = {p["type"] for p in dash["panels"]} - set(PLUGINS) - {"row"}
     assert not unknown, f"add the panel types {unknown} to PLUGINS"
     return TS_PRELUDE.format(imports="\n".join(imports), body=_emit(dash, (), wrap))
@@ -100,14 +106,23 @@ def dashboard_ts(dash: dict[str, Any]) -> str:
 
 def typecheck(source: str, tmp: Path) -> subprocess.CompletedProcess[str]:
     (tmp / "dashboard.ts").write_text(source)
-    (tmp / "tsconfig.json").write_text(json.dumps({
-        "compilerOptions": {
-            "strict": True, "noEmit": True, "target": "es2022", "module": "esnext",
-            "moduleResolution": "bundler", "skipLibCheck": True, "types": [],
-            "paths": {"@grafana/schema": [str(SCHEMA / "index.d.ts")]},
-        },
-        "files": ["dashboard.ts"],
-    }))
+    (tmp / "tsconfig.json").write_text(
+        json.dumps(
+            {
+                "compilerOptions": {
+                    "strict": True,
+                    "noEmit": True,
+                    "target": "es2022",
+                    "module": "esnext",
+                    "moduleResolution": "bundler",
+                    "skipLibCheck": True,
+                    "types": [],
+                    "paths": {"@grafana/schema": [str(SCHEMA / "index.d.ts")]},
+                },
+                "files": ["dashboard.ts"],
+            }
+        )
+    )
     return run([tool("tsc"), "-p", str(tmp / "tsconfig.json")], check=False, timeout=120)
 
 
@@ -117,9 +132,13 @@ def test_dashboard_json_is_generated() -> None:
 
 
 def test_chart_configmap_holds_the_dashboard() -> None:
-    docs = render("--show-only", "templates/dashboard.yaml",
-                  values={"monitoring": {"dashboard": {"enabled": True,
-                                                       "annotations": {"grafana_folder": "ML"}}}})
+    docs = render(
+        "--show-only",
+        "templates/dashboard.yaml",
+        values={
+            "monitoring": {"dashboard": {"enabled": True, "annotations": {"grafana_folder": "ML"}}}
+        },
+    )
     cm = find(docs, "ConfigMap")
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert cm["metadata"]["annotations"] == {"grafana_folder": "ML"}
@@ -134,10 +153,12 @@ def test_dashboard_typechecks_against_grafana_schema(tmp_path: Path) -> None:
 def test_typecheck_rejects_a_broken_dashboard(tmp_path: Path) -> None:
     """The check has teeth: a wrong type, an unknown key, an invalid enum value in a field
     config and an invalid panel option each fail, with tsc naming the problem."""
-    for breakage, message in (("schema_version", "'string' is not assignable to type 'number'"),
-                              ("panel_key", "'\"gridpos\"' does not exist"),
-                              ("enum", "'\"absolut\"' is not assignable"),
-                              ("option", "'\"top\"' is not assignable to type 'LegendPlacement'")):
+    for breakage, message in (
+        ("schema_version", "'string' is not assignable to type 'number'"),
+        ("panel_key", "'\"gridpos\"' does not exist"),
+        ("enum", "'\"absolut\"' is not assignable"),
+        ("option", "'\"top\"' is not assignable to type 'LegendPlacement'"),
+    ):
         dash = dashboard()
         if breakage == "schema_version":
             dash["schemaVersion"] = "41"
@@ -204,10 +225,21 @@ def test_dashboard_queries_parse(tmp_path: Path) -> None:
     """promtool parses every query (as a recording rule), with Grafana's variables filled in."""
     dash = dashboard()
     exprs = [grafana_to_promql(e) for _, e in dashboard_targets(dash)]
-    exprs += [grafana_to_promql(variable_selector(v["query"]))
-              for v in dash["templating"]["list"] if v["type"] == "query"]
-    rules = {"groups": [{"name": "dashboard", "rules": [
-        {"record": f"dashboard:query_{i}", "expr": e} for i, e in enumerate(exprs)]}]}
+    exprs += [
+        grafana_to_promql(variable_selector(v["query"]))
+        for v in dash["templating"]["list"]
+        if v["type"] == "query"
+    ]
+    rules = {
+        "groups": [
+            {
+                "name": "dashboard",
+                "rules": [
+                    {"record": f"dashboard:query_{i}", "expr": e} for i, e in enumerate(exprs)
+                ],
+            }
+        ]
+    }
     (tmp_path / "queries.yaml").write_text(yaml.safe_dump(rules))
     out = run([tool("promtool"), "check", "rules", str(tmp_path / "queries.yaml")])
     assert f"SUCCESS: {len(exprs)} rules found" in out.stdout
@@ -218,12 +250,14 @@ def test_dashboard_metrics_are_exported_by_a_live_daemon(tmp_path: Path) -> None
         live = daemon.metrics()
     run([tool("promtool"), "check", "metrics"], input=live)
     exported = exposition_names(live) | exposition_names(
-        generate_latest(OPERATOR_REGISTRY).decode())
+        generate_latest(OPERATOR_REGISTRY).decode()
+    )
     dash = dashboard()
     queries = dashboard_targets(dash) + [
         (f"variable {v['name']}", variable_selector(v["query"]))
         for v in dash["templating"]["list"]
-        if v["type"] == "query"]
+        if v["type"] == "query"
+    ]
     missing = {}
     for title, expr in queries:
         names = promql_metric_names(grafana_to_promql(expr))

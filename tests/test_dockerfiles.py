@@ -71,8 +71,10 @@ def pinned(package: str) -> str:
 
 @pytest.mark.parametrize("dockerfile", [DAEMON, OPERATOR], ids=lambda p: p.name)
 def test_hadolint_passes(dockerfile: Path) -> None:
-    out = run([tool("hadolint"), "--no-color", "--failure-threshold", "info", str(dockerfile)],
-              check=False)
+    out = run(
+        [tool("hadolint"), "--no-color", "--failure-threshold", "info", str(dockerfile)],
+        check=False,
+    )
     assert out.returncode == 0 and not out.stdout.strip(), out.stdout + out.stderr
 
 
@@ -134,8 +136,11 @@ def test_operator_image_slim_and_python_like_pyproject() -> None:
 
 
 def test_build_context_has_no_model_weights() -> None:
-    lines = [ln for ln in (REPO / ".dockerignore").read_text().splitlines()
-             if ln and not ln.startswith("#")]
+    lines = [
+        ln
+        for ln in (REPO / ".dockerignore").read_text().splitlines()
+        if ln and not ln.startswith("#")
+    ]
     assert lines[0] == "*", "the context starts empty and lists what it admits"
     admitted = {ln[1:].rstrip("/") for ln in lines if ln.startswith("!")}
     assert admitted == {"pyproject.toml", "constraints.txt", "README.md", "modelcache"}
@@ -149,8 +154,11 @@ def test_build_context_has_no_model_weights() -> None:
                 for s in sources:
                     assert (REPO / s).exists(), s
     # And the package itself ships no weights.
-    weights = [p for p in (REPO / "modelcache").rglob("*")
-               if p.suffix in {".safetensors", ".bin", ".pt", ".pth", ".gguf", ".onnx"}]
+    weights = [
+        p
+        for p in (REPO / "modelcache").rglob("*")
+        if p.suffix in {".safetensors", ".bin", ".pt", ".pth", ".gguf", ".onnx"}
+    ]
     assert not weights, weights
 
 
@@ -192,19 +200,30 @@ def test_operator_image_has_every_module_the_operator_imports() -> None:
     """Import every operator module in a fresh interpreter that can only see the packages the
     operator image installs (and their dependencies): a missing one is an ImportError here,
     not a CrashLoopBackOff in a cluster."""
-    runs = [rest for word, rest in instructions(OPERATOR)
-            if word == "RUN" and "-c constraints.txt" in rest]
+    runs = [
+        rest
+        for word, rest in instructions(OPERATOR)
+        if word == "RUN" and "-c constraints.txt" in rest
+    ]
     assert len(runs) == 1, runs
     listed = runs[0].split("-c constraints.txt", 1)[1].split("&&")[0].split()
     assert "kopf" in listed, runs
     import modelcache.operator as op
 
-    modules = sorted(f"modelcache.operator.{p.stem}" for p in Path(op.__path__[0]).glob("*.py")
-                     if p.stem != "__init__")
+    modules = sorted(
+        f"modelcache.operator.{p.stem}"
+        for p in Path(op.__path__[0]).glob("*.py")
+        if p.stem != "__init__"
+    )
     allowed = _closure(listed) | {"modelcache"}
-    out = subprocess.run([sys.executable, "-c", _BLOCKER, ",".join(sorted(allowed)),
-                          ",".join(modules)], capture_output=True, text=True, timeout=120,
-                         check=False, cwd=REPO)
+    out = subprocess.run(
+        [sys.executable, "-c", _BLOCKER, ",".join(sorted(allowed)), ",".join(modules)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=REPO,
+    )
     assert out.returncode == 0, f"the operator needs a package its image lacks:\n{out.stderr}"
     assert out.stdout.split() == ["False", "False"], "the operator imports torch/transformers"
 
@@ -213,11 +232,30 @@ def test_the_import_check_has_teeth() -> None:
     """Without kubernetes in the image, importing the operator fails."""
     import modelcache.operator as op
 
-    allowed = _closure(["kopf", "pydantic", "pydantic-settings", "PyYAML", "prometheus-client",
-                        "grpcio", "grpcio-health-checking", "protobuf"]) - {"kubernetes"}
-    mods = sorted(f"modelcache.operator.{p.stem}" for p in Path(op.__path__[0]).glob("*.py")
-                  if p.stem != "__init__")
+    allowed = _closure(
+        [
+            "kopf",
+            "pydantic",
+            "pydantic-settings",
+            "PyYAML",
+            "prometheus-client",
+            "grpcio",
+            "grpcio-health-checking",
+            "protobuf",
+        ]
+    ) - {"kubernetes"}
+    mods = sorted(
+        f"modelcache.operator.{p.stem}"
+        for p in Path(op.__path__[0]).glob("*.py")
+        if p.stem != "__init__"
+    )
     visible = ",".join(sorted(allowed | {"modelcache"}))
-    out = subprocess.run([sys.executable, "-c", _BLOCKER, visible, ",".join(mods)],
-                         capture_output=True, text=True, timeout=120, check=False, cwd=REPO)
+    out = subprocess.run(
+        [sys.executable, "-c", _BLOCKER, visible, ",".join(mods)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=REPO,
+    )
     assert out.returncode != 0 and "'kubernetes" in out.stderr, out.stderr

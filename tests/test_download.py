@@ -56,8 +56,19 @@ def test_hub_id_needs_a_revision(tmp_path: Path) -> None:
 
 def test_cli_download_prints_the_destination(tmp_path: Path) -> None:
     src = tiny_models.bert(tmp_path / "bert")
-    proc = subprocess.run([sys.executable, "-m", "modelcache.cli", "download", str(src),
-                           "--to", str(tmp_path / "vol")], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "modelcache.cli",
+            "download",
+            str(src),
+            "--to",
+            str(tmp_path / "vol"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == str(tmp_path / "vol" / "bert")

@@ -54,8 +54,15 @@ def code_of(call: Any, req: Any, timeout: float = 30) -> tuple[Code, str]:
 # -- damaged checkpoints: each fails alone, with its reason; the others serve -----------
 def _sharded_without_a_shard(dest: Path) -> Path:
     torch.manual_seed(5)
-    cfg = transformers.GPT2Config(vocab_size=tiny_models.VOCAB, n_positions=256, n_embd=64,
-                                  n_layer=2, n_head=4, bos_token_id=101, eos_token_id=102)
+    cfg = transformers.GPT2Config(
+        vocab_size=tiny_models.VOCAB,
+        n_positions=256,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        bos_token_id=101,
+        eos_token_id=102,
+    )
     transformers.GPT2LMHeadModel(cfg).save_pretrained(dest, max_shard_size="1MB")
     tiny_models.copy_tokenizer(dest)
     shards = sorted(dest.glob("model-*-of-*.safetensors"))
@@ -73,7 +80,7 @@ def _nan_row(path: Path, name_part: str, row: int) -> str:
     f = path / "model.safetensors"
     raw = f.read_bytes()
     n = struct.unpack("<Q", raw[:8])[0]
-    header = json.loads(raw[8:8 + n])
+    header = json.loads(raw[8 : 8 + n])
     name = next(k for k in header if name_part in k)
     start, _ = header[name]["data_offsets"]
     width = header[name]["shape"][1]
@@ -84,13 +91,17 @@ def _nan_row(path: Path, name_part: str, row: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def broken_daemon(tmp_path_factory: pytest.TempPathFactory
-                  ) -> Iterator[tuple[ServeProcess, dict[str, Path]]]:
+def broken_daemon(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[ServeProcess, dict[str, Path]]]:
     root = tmp_path_factory.mktemp("broken-models")
     good_lm, good_emb = tiny_models.gpt2(root / "good-lm"), tiny_models.bert(root / "good-emb")
     paths = {"good-lm": good_lm, "good-emb": good_emb}
-    for name, damage in (("truncated", fm.truncate_weights), ("garbled", fm.garble_header),
-                         ("missing", fm.remove_weights)):
+    for name, damage in (
+        ("truncated", fm.truncate_weights),
+        ("garbled", fm.garble_header),
+        ("missing", fm.remove_weights),
+    ):
         damage(p := fm.copy_model(good_lm, root / name))
         paths[name] = p
     paths["missing-shard"] = root / "missing-shard"
@@ -99,9 +110,21 @@ def broken_daemon(tmp_path_factory: pytest.TempPathFactory
     _nan_row(paths["nan-row"], "word_embeddings", 4242)
     paths["remote-code"] = fm.needs_remote_code(fm.copy_model(good_emb, root / "remote-code"))
     tasks = {"good-emb": "embedding", "nan-row": "embedding", "remote-code": "embedding"}
-    config = {"models": [{"name": n, "source": str(paths[n]), "task": tasks.get(n, "causal-lm")}
-                         for n in ("good-lm", "good-emb", "truncated", "garbled", "missing",
-                                   "missing-shard", "nan-row", "remote-code")]}
+    config = {
+        "models": [
+            {"name": n, "source": str(paths[n]), "task": tasks.get(n, "causal-lm")}
+            for n in (
+                "good-lm",
+                "good-emb",
+                "truncated",
+                "garbled",
+                "missing",
+                "missing-shard",
+                "nan-row",
+                "remote-code",
+            )
+        ]
+    }
     with ServeProcess(config, tmp_path_factory.mktemp("broken"), name="broken") as proc:
         proc.wait_settled()
         yield proc, paths
@@ -110,14 +133,19 @@ def broken_daemon(tmp_path_factory: pytest.TempPathFactory
 
 @pytest.mark.slow
 def test_damaged_checkpoints_fail_alone_with_their_reason(
-        broken_daemon: tuple[ServeProcess, dict[str, Path]]) -> None:
+    broken_daemon: tuple[ServeProcess, dict[str, Path]],
+) -> None:
     proc, paths = broken_daemon
     models = {m.name: m for m in proc.list_models().models}
     expect = {
-        "truncated": ("corrupt_weights", [str(paths["truncated"] / "model.safetensors"),
-                                          "truncated"]),
-        "garbled": ("corrupt_weights", [str(paths["garbled"] / "model.safetensors"),
-                                        "not valid JSON"]),
+        "truncated": (
+            "corrupt_weights",
+            [str(paths["truncated"] / "model.safetensors"), "truncated"],
+        ),
+        "garbled": (
+            "corrupt_weights",
+            [str(paths["garbled"] / "model.safetensors"), "not valid JSON"],
+        ),
         "missing": ("not_found", ["no model.safetensors", str(paths["missing"])]),
         "missing-shard": ("not_found", [str(paths["missing-shard-file"])]),
         "nan-row": ("verify_failed", ["NaN", "embeddings.word_embeddings.weight"]),
@@ -135,16 +163,20 @@ def test_damaged_checkpoints_fail_alone_with_their_reason(
         stub = pb_grpc.ModelCacheStub(channel)  # type: ignore[no-untyped-call]
 
         def status(service: str) -> int:
-            return int(health.Check(health_pb2.HealthCheckRequest(service=service),
-                                    timeout=10).status)
+            return int(
+                health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
+            )
 
         assert status("good-lm") == status("good-emb") == SERVING
         assert all(status(n) == NOT_SERVING for n in expect)
         assert status("") == NOT_SERVING  # not every model is ready
         for name, (error_class, _) in expect.items():
             call = stub.Embed if name in ("nan-row", "remote-code") else stub.LogProbs
-            req = (pb.EmbedRequest(model=name, inputs=["x"]) if call is stub.Embed
-                   else pb.LogProbsRequest(model=name, inputs=["x"]))
+            req = (
+                pb.EmbedRequest(model=name, inputs=["x"])
+                if call is stub.Embed
+                else pb.LogProbsRequest(model=name, inputs=["x"])
+            )
             code, details = code_of(call, req)
             assert code == Code.FAILED_PRECONDITION, (name, code, details)
             assert f"failed to load ({error_class})" in details, details
@@ -153,14 +185,16 @@ def test_damaged_checkpoints_fail_alone_with_their_reason(
         ids = [101, 4242, 2023, 102]  # 4242: the NaN row of the broken copy
         emb = stub.Embed(pb.EmbedRequest(model="good-emb", inputs=["a b c"]), timeout=30)
         assert np.isfinite(np.frombuffer(emb.embeddings, "<f4")).all()
-        lp = stub.LogProbs(pb.LogProbsRequest(model="good-lm", token_ids=[pb.TokenIds(
-            ids=ids)]), timeout=30)
+        lp = stub.LogProbs(
+            pb.LogProbsRequest(model="good-lm", token_ids=[pb.TokenIds(ids=ids)]), timeout=30
+        )
         ref = tiny_models.reference(paths["good-lm"], "causal-lm")
         with torch.inference_mode():
             logits = ref(input_ids=torch.tensor([ids])).logits[0, :-1]
         want = torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
-        np.testing.assert_allclose(np.frombuffer(lp.sequences[0].logprobs, "<f4"),
-                                   want.numpy(), atol=1e-4)
+        np.testing.assert_allclose(
+            np.frombuffer(lp.sequences[0].logprobs, "<f4"), want.numpy(), atol=1e-4
+        )
     assert proc.alive()
 
 
@@ -169,21 +203,27 @@ def test_damaged_checkpoints_fail_alone_with_their_reason(
 def big_model() -> Path:
     """A ~500 MB GPT-2 (loads in ~2 s here: long enough to be caught LOADING), cached like
     bench/bench_load.py's, which it is when that benchmark has run."""
-    root = Path(os.environ.get("MODELCACHE_BENCH_CACHE",
-                               Path.home() / ".cache" / "modelcache-bench"))
+    root = Path(
+        os.environ.get("MODELCACHE_BENCH_CACHE", Path.home() / ".cache" / "modelcache-bench")
+    )
     return fm.big_gpt2(root, size_mb=500)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_sigkill_mid_request_and_mid_load_then_the_same_model_serves(
-        big_model: Path, tmp_path: Path) -> None:
+    big_model: Path, tmp_path: Path
+) -> None:
     config = {"models": [{"name": "big", "source": str(big_model), "task": "causal-lm"}]}
     proc = ServeProcess(config, tmp_path, name="big")
-    probe = pb.LogProbsRequest(model="big", token_ids=[pb.TokenIds(ids=[101, 2023, 2003, 102])],
-                               top_k=3, entropy=True)
-    long = pb.LogProbsRequest(model="big", token_ids=[pb.TokenIds(ids=list(range(
-        1000 + i, 1500 + i))) for i in range(8)], entropy=True)
+    probe = pb.LogProbsRequest(
+        model="big", token_ids=[pb.TokenIds(ids=[101, 2023, 2003, 102])], top_k=3, entropy=True
+    )
+    long = pb.LogProbsRequest(
+        model="big",
+        token_ids=[pb.TokenIds(ids=list(range(1000 + i, 1500 + i))) for i in range(8)],
+        entropy=True,
+    )
     try:
         proc.start()
         listing = proc.wait_settled()
@@ -194,12 +234,20 @@ def test_sigkill_mid_request_and_mid_load_then_the_same_model_serves(
             answer = stub.LogProbs(probe, timeout=60).SerializeToString(deterministic=True)
 
             # 1. mid-request: a batch of 8 x 500 tokens is computing when the process dies
-            started = proc.metric("modelcache_request_duration_seconds_count", model="big",
-                                  phase="queue")
+            started = proc.metric(
+                "modelcache_request_duration_seconds_count", model="big", phase="queue"
+            )
             inflight = stub.LogProbs.future(long, timeout=120)
-            wait_for(lambda: proc.metric("modelcache_request_duration_seconds_count",
-                                         model="big", phase="queue") > started,
-                     "the long batch to start", timeout=60)
+            wait_for(
+                lambda: (
+                    proc.metric(
+                        "modelcache_request_duration_seconds_count", model="big", phase="queue"
+                    )
+                    > started
+                ),
+                "the long batch to start",
+                timeout=60,
+            )
             assert proc.kill(signal.SIGKILL) == -signal.SIGKILL
             assert inflight.exception(60) is not None
             assert inflight.code() == Code.UNAVAILABLE, inflight.details()
@@ -213,8 +261,12 @@ def test_sigkill_mid_request_and_mid_load_then_the_same_model_serves(
 
         # 3. a client retrying through the downtime and the next load gets its answer
         retries: list[str] = []
-        policy = RetryPolicy(max_attempts=1000, initial_backoff=0.05, max_backoff=0.5,
-                             on_retry=lambda n, code, delay: retries.append(code.name))
+        policy = RetryPolicy(
+            max_attempts=1000,
+            initial_backoff=0.05,
+            max_backoff=0.5,
+            on_retry=lambda n, code, delay: retries.append(code.name),
+        )
         outcome: dict[str, Any] = {}
 
         def patient() -> None:
@@ -231,18 +283,21 @@ def test_sigkill_mid_request_and_mid_load_then_the_same_model_serves(
         assert set(retries) == {"UNAVAILABLE"}, retries  # down, then loading: both retried
         (again,) = listing.models
         assert again.state == READY
-        assert (again.fingerprint, again.revision, again.weight_bytes) == \
-            (first.fingerprint, first.revision, first.weight_bytes)
+        assert (again.fingerprint, again.revision, again.weight_bytes) == (
+            first.fingerprint,
+            first.revision,
+            first.weight_bytes,
+        )
         with grpc.insecure_channel(proc.address) as channel:
             stub = pb_grpc.ModelCacheStub(channel)  # type: ignore[no-untyped-call]
-            assert stub.LogProbs(probe, timeout=60).SerializeToString(
-                deterministic=True) == answer
+            assert stub.LogProbs(probe, timeout=60).SerializeToString(deterministic=True) == answer
         got = outcome["result"][0].logprobs
-        want = np.frombuffer(pb.LogProbsResponse.FromString(answer).sequences[0].logprobs,
-                             "<f4")
+        want = np.frombuffer(pb.LogProbsResponse.FromString(answer).sequences[0].logprobs, "<f4")
         np.testing.assert_array_equal(got, want)
-        print(f"\nrestart: fingerprint {again.fingerprint[:16]} both times; the retrying "
-              f"client was refused {len(retries)} times (UNAVAILABLE) before its answer")
+        print(
+            f"\nrestart: fingerprint {again.fingerprint[:16]} both times; the retrying "
+            f"client was refused {len(retries)} times (UNAVAILABLE) before its answer"
+        )
     finally:
         if proc.alive():
             proc.stop()
@@ -269,7 +324,8 @@ def emb_gate(session_registry: ModelRegistry) -> Iterator[ForwardGate]:
 
 
 def test_an_exception_in_an_embedding_forward_is_internal_and_it_serves_on(
-        daemon: RunningDaemon, emb_gate: ForwardGate) -> None:
+    daemon: RunningDaemon, emb_gate: ForwardGate
+) -> None:
     tok = daemon.registry.entry("bert-cls").loaded.tokenizer  # type: ignore[union-attr]
     word = "zebra"
     (marker,) = tok(word, add_special_tokens=False)["input_ids"]
@@ -285,24 +341,39 @@ def test_an_exception_in_an_embedding_forward_is_internal_and_it_serves_on(
 
 
 def test_a_raising_request_does_not_fail_the_requests_batched_with_it(
-        daemon: RunningDaemon, lm_gate: ForwardGate) -> None:
+    daemon: RunningDaemon, lm_gate: ForwardGate
+) -> None:
     """Only the request that makes the forward pass raise gets INTERNAL; requests that were
     in the same batch are computed again without it and get their answers."""
     innocent = [[101, 2000 + i, 2001 + i, 102] for i in range(3)]
     with grpc.insecure_channel(daemon.address) as channel:
         stub = pb_grpc.ModelCacheStub(channel)  # type: ignore[no-untyped-call]
-        alone = [stub.LogProbs(pb.LogProbsRequest(model="gpt2", token_ids=[pb.TokenIds(
-            ids=ids)]), timeout=30).sequences[0].logprobs for ids in innocent]
+        alone = [
+            stub.LogProbs(
+                pb.LogProbsRequest(model="gpt2", token_ids=[pb.TokenIds(ids=ids)]), timeout=30
+            )
+            .sequences[0]
+            .logprobs
+            for ids in innocent
+        ]
         lm_gate.raise_on[4848] = RuntimeError("injected batch failure")
         lm_gate.hold()
         blocker = stub.LogProbs.future(pb.LogProbsRequest(model="gpt2", inputs=["hold"]))
         assert lm_gate.entered.wait(10)
-        poison = stub.LogProbs.future(pb.LogProbsRequest(
-            model="gpt2", token_ids=[pb.TokenIds(ids=[101, 4848, 102])]), timeout=60)
-        others = [stub.LogProbs.future(pb.LogProbsRequest(model="gpt2", token_ids=[
-            pb.TokenIds(ids=ids)]), timeout=60) for ids in innocent]
-        wait_for(lambda: metric("modelcache_queue_depth", model="gpt2") == 4,
-                 "poison and innocents queued together")
+        poison = stub.LogProbs.future(
+            pb.LogProbsRequest(model="gpt2", token_ids=[pb.TokenIds(ids=[101, 4848, 102])]),
+            timeout=60,
+        )
+        others = [
+            stub.LogProbs.future(
+                pb.LogProbsRequest(model="gpt2", token_ids=[pb.TokenIds(ids=ids)]), timeout=60
+            )
+            for ids in innocent
+        ]
+        wait_for(
+            lambda: metric("modelcache_queue_depth", model="gpt2") == 4,
+            "poison and innocents queued together",
+        )
         seen = len(lm_gate.seen)
         lm_gate.release.set()
         blocker.result(30)
@@ -312,7 +383,7 @@ def test_a_raising_request_does_not_fail_the_requests_batched_with_it(
             got = np.frombuffer(fut.result(30).sequences[0].logprobs, "<f4")
             np.testing.assert_allclose(got, np.frombuffer(want, "<f4"), atol=1e-5)
         # they were in one batch with it (which failed), then computed without it
-        first, rest = lm_gate.seen[seen:seen + 4], lm_gate.seen[seen + 4:]
+        first, rest = lm_gate.seen[seen : seen + 4], lm_gate.seen[seen + 4 :]
         assert sum(4848 in r for r in first) == 1 and len(first) == 4
         assert len(rest) == 4 and sum(4848 in r for r in rest) == 1
         after = stub.LogProbs(pb.LogProbsRequest(model="gpt2", inputs=["after"]), timeout=30)
@@ -320,15 +391,24 @@ def test_a_raising_request_does_not_fail_the_requests_batched_with_it(
 
 
 def test_many_raising_requests_at_once_leave_the_worker_serving(
-        daemon: RunningDaemon, lm_gate: ForwardGate) -> None:
+    daemon: RunningDaemon, lm_gate: ForwardGate
+) -> None:
     lm_gate.raise_on[4949] = RuntimeError("again")
     restarts = metric("modelcache_worker_restarts_total", model="gpt2")
     with grpc.insecure_channel(daemon.address) as channel:
         stub = pb_grpc.ModelCacheStub(channel)  # type: ignore[no-untyped-call]
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            codes = list(pool.map(lambda i: code_of(stub.LogProbs, pb.LogProbsRequest(
-                model="gpt2", token_ids=[pb.TokenIds(ids=[101, 4949, 100 + i])]))[0],
-                range(32)))
+            codes = list(
+                pool.map(
+                    lambda i: code_of(
+                        stub.LogProbs,
+                        pb.LogProbsRequest(
+                            model="gpt2", token_ids=[pb.TokenIds(ids=[101, 4949, 100 + i])]
+                        ),
+                    )[0],
+                    range(32),
+                )
+            )
         assert codes == [Code.INTERNAL] * 32
         ok = stub.LogProbs(pb.LogProbsRequest(model="gpt2", inputs=["still here"]), timeout=30)
         assert len(ok.sequences) == 1

@@ -21,9 +21,13 @@ from modelcache.operator.spec import parse_spec
 
 FILES = CHART / "files"
 ALL_ON = {
-    "monitoring": {"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True},
-                   "prometheusRule": {"enabled": True}, "dashboard": {"enabled": True},
-                   "labels": {"release": "kube-prometheus-stack"}},
+    "monitoring": {
+        "serviceMonitor": {"enabled": True},
+        "podMonitor": {"enabled": True},
+        "prometheusRule": {"enabled": True},
+        "dashboard": {"enabled": True},
+        "labels": {"release": "kube-prometheus-stack"},
+    },
     "networkPolicy": {"enabled": True, "namespaces": ["team-a", "team-b"]},
 }
 CLUSTER_SCOPED = {"namespaces", "customresourcedefinitions", "clusterkopfpeerings"}
@@ -35,8 +39,13 @@ def file_rules() -> list[dict[str, Any]]:
 
 
 def grants(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
-    return {(g, r, v) for rule in rules for g in rule["apiGroups"] for r in rule["resources"]
-            for v in rule["verbs"]}
+    return {
+        (g, r, v)
+        for rule in rules
+        for g in rule["apiGroups"]
+        for r in rule["resources"]
+        for v in rule["verbs"]
+    }
 
 
 def kinds(docs: list[dict[str, Any]]) -> list[tuple[str, str]]:
@@ -80,12 +89,14 @@ def test_default_objects() -> None:
 def test_everything_on_objects() -> None:
     docs = render(values=ALL_ON)
     got = {k for k in kinds(docs)}
-    for expected in [("ServiceMonitor", "mc-modelcache-daemons"),
-                     ("ServiceMonitor", "mc-modelcache-operator"),
-                     ("PodMonitor", "mc-modelcache-daemons"),
-                     ("PodMonitor", "mc-modelcache-operator"),
-                     ("PrometheusRule", "mc-modelcache"),
-                     ("ConfigMap", "mc-modelcache-dashboard")]:
+    for expected in [
+        ("ServiceMonitor", "mc-modelcache-daemons"),
+        ("ServiceMonitor", "mc-modelcache-operator"),
+        ("PodMonitor", "mc-modelcache-daemons"),
+        ("PodMonitor", "mc-modelcache-operator"),
+        ("PrometheusRule", "mc-modelcache"),
+        ("ConfigMap", "mc-modelcache-dashboard"),
+    ]:
         assert expected in got, expected
     policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
     assert sorted(p["metadata"]["namespace"] for p in policies) == ["team-a", "team-b"]
@@ -100,8 +111,11 @@ def _file_docs(name: str) -> list[dict[str, Any]]:
 
 def test_crds_are_the_files_with_keep_annotation() -> None:
     docs = render("--show-only", "templates/crds.yaml")
-    expected = {d["metadata"]["name"]: d for n in ("crd-modelcaches.yaml", "crd-kopf-peering.yaml")
-                for d in _file_docs(n)}
+    expected = {
+        d["metadata"]["name"]: d
+        for n in ("crd-modelcaches.yaml", "crd-kopf-peering.yaml")
+        for d in _file_docs(n)
+    }
     assert {d["metadata"]["name"] for d in docs} == set(expected)
     for d in docs:
         want = copy.deepcopy(expected[d["metadata"]["name"]])
@@ -118,13 +132,20 @@ def test_crds_are_the_files_with_keep_annotation() -> None:
 
 def test_crd_flags() -> None:
     docs = render("--show-only", "templates/crds.yaml", values={"crds": {"keep": False}})
-    assert docs and all("annotations" not in d["metadata"] or "helm.sh/resource-policy"
-                        not in d["metadata"]["annotations"] for d in docs)
-    out = helm_template("--show-only", "templates/crds.yaml",
-                        values={"crds": {"enabled": False}}, check=False)
+    assert docs and all(
+        "annotations" not in d["metadata"]
+        or "helm.sh/resource-policy" not in d["metadata"]["annotations"]
+        for d in docs
+    )
+    out = helm_template(
+        "--show-only", "templates/crds.yaml", values={"crds": {"enabled": False}}, check=False
+    )
     assert out.returncode != 0 and "could not find template" in out.stderr
-    assert not [d for d in render(values={"crds": {"enabled": False}})
-                if d["kind"] == "CustomResourceDefinition"]
+    assert not [
+        d
+        for d in render(values={"crds": {"enabled": False}})
+        if d["kind"] == "CustomResourceDefinition"
+    ]
 
 
 def test_cluster_role_is_exactly_the_rules_file() -> None:
@@ -133,8 +154,9 @@ def test_cluster_role_is_exactly_the_rules_file() -> None:
     assert grants(role["rules"]) == grants(file_rules())
     binding = find(docs, "ClusterRoleBinding")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "mc-modelcache-operator",
-                                    "namespace": "modelcache"}]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "mc-modelcache-operator", "namespace": "modelcache"}
+    ]
 
 
 def test_namespaced_operator_gets_roles_in_its_namespaces_only() -> None:
@@ -150,7 +172,8 @@ def test_namespaced_operator_gets_roles_in_its_namespaces_only() -> None:
         assert not {r for _, r, _ in grants(role["rules"])} & CLUSTER_SCOPED
         # Cluster-wide plus per-namespace grants are the file's, less the cluster peering.
         assert cluster_grants | grants(role["rules"]) == {
-            g for g in grants(file_rules()) if g[1] != "clusterkopfpeerings"}
+            g for g in grants(file_rules()) if g[1] != "clusterkopfpeerings"
+        }
     deploy = find(docs, "Deployment")
     args = deploy["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args == ["--namespace=team-a", "--namespace=team-b"]
@@ -181,14 +204,17 @@ def test_operator_env_names_operator_settings() -> None:
     """Every MODELCACHE_OPERATOR_* the chart sets is a field of OperatorSettings, with a value
     it accepts."""
     deploy = find(render(values={"operator": {"statusInterval": 2.5}}), "Deployment")
-    env = {e["name"]: e.get("value") for e in
-           deploy["spec"]["template"]["spec"]["containers"][0]["env"]}
+    env = {
+        e["name"]: e.get("value")
+        for e in deploy["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
     assert "fieldRef" in str(deploy)  # POD_NAME from the downward API: the peering identity
     prefix = "MODELCACHE_OPERATOR_"
-    fields = {k[len(prefix):].lower(): v for k, v in env.items() if k.startswith(prefix)}
+    fields = {k[len(prefix) :].lower(): v for k, v in env.items() if k.startswith(prefix)}
     assert len(fields) >= 6
     assert set(fields) <= set(OperatorSettings.model_fields), set(fields) - set(
-        OperatorSettings.model_fields)
+        OperatorSettings.model_fields
+    )
     settings = OperatorSettings(**fields)
     assert settings.status_interval == 2.5
     assert settings.metrics_port == 8080 and settings.liveness_port == 8081
@@ -202,26 +228,36 @@ def test_image_tag_and_digest() -> None:
     assert image({"image": {"tag": "1.2.3"}}) == "ghcr.io/modelcache/modelcache-operator:1.2.3"
     digest = "sha256:" + "a" * 64
     assert image({"image": {"repository": "r.example/op", "digest": digest}}) == (
-        f"r.example/op@{digest}")
+        f"r.example/op@{digest}"
+    )
 
 
-@pytest.mark.parametrize("values,message", [
-    ({"operator": {"replicas": "two"}}, "operator.replicas: Invalid type. Expected: integer"),
-    ({"crds": {"keep": "yes"}}, "crds.keep: Invalid type. Expected: boolean"),
-    ({"image": {"tag": "latest"}}, "image.tag: Must not validate the schema"),
-    ({"image": {"digest": "sha256:abc"}}, "image.digest: Does not match pattern"),
-    ({"operator": {"watchNamespaces": "team-a"}}, "operator.watchNamespaces: Invalid type"),
-    ({"operator": {"metricsPort": 70000}}, "operator.metricsPort: Must be less than or equal"),
-    ({"operator": {"stautsInterval": 5}}, "Additional property stautsInterval is not allowed"),
-    ({"monitoring": {"prometheusRule": {"notReadyMinutes": "15m"}}},
-     "monitoring.prometheusRule.notReadyMinutes: Invalid type. Expected: integer"),
-    ({"monitoring": {"prometheusRule": {"resourceExhaustedRatio": 5}}},
-     "resourceExhaustedRatio: Must be less than or equal to 1"),
-    ({"monitoring": {"dashboard": {"labels": {"grafana_dashboard": 1}}}},
-     "grafana_dashboard: Invalid type. Expected: string"),
-    ({"networkPolicy": {"enabled": "true"}}, "networkPolicy.enabled: Invalid type"),
-    ({"monitoring": {"serviceMonitor": {"interval": "often"}}}, "Does not match pattern"),
-])
+@pytest.mark.parametrize(
+    "values,message",
+    [
+        ({"operator": {"replicas": "two"}}, "operator.replicas: Invalid type. Expected: integer"),
+        ({"crds": {"keep": "yes"}}, "crds.keep: Invalid type. Expected: boolean"),
+        ({"image": {"tag": "latest"}}, "image.tag: Must not validate the schema"),
+        ({"image": {"digest": "sha256:abc"}}, "image.digest: Does not match pattern"),
+        ({"operator": {"watchNamespaces": "team-a"}}, "operator.watchNamespaces: Invalid type"),
+        ({"operator": {"metricsPort": 70000}}, "operator.metricsPort: Must be less than or equal"),
+        ({"operator": {"stautsInterval": 5}}, "Additional property stautsInterval is not allowed"),
+        (
+            {"monitoring": {"prometheusRule": {"notReadyMinutes": "15m"}}},
+            "monitoring.prometheusRule.notReadyMinutes: Invalid type. Expected: integer",
+        ),
+        (
+            {"monitoring": {"prometheusRule": {"resourceExhaustedRatio": 5}}},
+            "resourceExhaustedRatio: Must be less than or equal to 1",
+        ),
+        (
+            {"monitoring": {"dashboard": {"labels": {"grafana_dashboard": 1}}}},
+            "grafana_dashboard: Invalid type. Expected: string",
+        ),
+        ({"networkPolicy": {"enabled": "true"}}, "networkPolicy.enabled: Invalid type"),
+        ({"monitoring": {"serviceMonitor": {"interval": "often"}}}, "Does not match pattern"),
+    ],
+)
 def test_schema_rejects_wrong_types(values: dict[str, Any], message: str) -> None:
     out = helm_template(values=values, check=False)
     assert out.returncode != 0
@@ -230,8 +266,13 @@ def test_schema_rejects_wrong_types(values: dict[str, Any], message: str) -> Non
 
 def _daemon_objects() -> tuple[dict[str, Any], dict[str, Any]]:
     """The Service and pod template the operator builds for a ModelCache."""
-    spec = parse_spec("emb", {"image": "r.example/modelcache:0.1.0",
-                              "models": [{"name": "m", "source": "m", "task": "embedding"}]})
+    spec = parse_spec(
+        "emb",
+        {
+            "image": "r.example/modelcache:0.1.0",
+            "models": [{"name": "m", "source": "m", "task": "embedding"}],
+        },
+    )
     owner = builders.Owner(name="emb", namespace="team-a", uid="u")
     return builders.build_service(spec, owner), builders.build_pod_template(spec, owner)
 
@@ -249,13 +290,17 @@ def test_monitors_select_the_daemons_the_operator_builds() -> None:
     assert {e["port"] for e in sm["spec"]["endpoints"]} <= port_names
     pm = find(docs, "PodMonitor", "mc-modelcache-daemons")
     assert _matches(pm["spec"]["selector"]["matchLabels"], template["metadata"]["labels"])
-    container_ports = {p["name"] for c in template["spec"]["containers"]
-                       for p in c.get("ports", [])}
+    container_ports = {
+        p["name"] for c in template["spec"]["containers"] for p in c.get("ports", [])
+    }
     assert {e["port"] for e in pm["spec"]["podMetricsEndpoints"]} <= container_ports
     for m in (sm["spec"]["endpoints"][0], pm["spec"]["podMetricsEndpoints"][0]):
-        assert m["relabelings"] == [{
-            "sourceLabels": ["__meta_kubernetes_pod_label_app_kubernetes_io_instance"],
-            "targetLabel": "modelcache"}]
+        assert m["relabelings"] == [
+            {
+                "sourceLabels": ["__meta_kubernetes_pod_label_app_kubernetes_io_instance"],
+                "targetLabel": "modelcache",
+            }
+        ]
         assert template["metadata"]["labels"]["app.kubernetes.io/instance"] == "emb"
     # The operator's monitors select the operator's pods and metrics Service.
     deploy = find(docs, "Deployment")
@@ -283,33 +328,48 @@ def test_monitors_follow_watched_namespaces() -> None:
 def test_network_policy_admits_clients_and_operator_to_grpc_only() -> None:
     _, template = _daemon_objects()
     docs = render(values=ALL_ON)
-    pol = find([d for d in docs if d["kind"] == "NetworkPolicy"
-                and d["metadata"]["namespace"] == "team-a"], "NetworkPolicy")
+    pol = find(
+        [
+            d
+            for d in docs
+            if d["kind"] == "NetworkPolicy" and d["metadata"]["namespace"] == "team-a"
+        ],
+        "NetworkPolicy",
+    )
     spec = pol["spec"]
     assert _matches(spec["podSelector"]["matchLabels"], template["metadata"]["labels"])
     assert spec["policyTypes"] == ["Ingress"]
     grpc_rule, metrics_rule = spec["ingress"]
-    container_ports = {p["name"] for c in template["spec"]["containers"]
-                       for p in c.get("ports", [])}
+    container_ports = {
+        p["name"] for c in template["spec"]["containers"] for p in c.get("ports", [])
+    }
     assert grpc_rule["ports"] == [{"port": "grpc", "protocol": "TCP"}]
     assert metrics_rule["ports"] == [{"port": "metrics", "protocol": "TCP"}]
     assert {"grpc", "metrics"} <= container_ports
     clients, operator = grpc_rule["from"]
     assert clients == {"podSelector": {"matchLabels": {"modelcache.io/client": "true"}}}
     deploy = find(docs, "Deployment")
-    assert _matches(operator["podSelector"]["matchLabels"],
-                    deploy["spec"]["template"]["metadata"]["labels"])
+    assert _matches(
+        operator["podSelector"]["matchLabels"], deploy["spec"]["template"]["metadata"]["labels"]
+    )
     assert operator["namespaceSelector"] == {
-        "matchLabels": {"kubernetes.io/metadata.name": "modelcache"}}
+        "matchLabels": {"kubernetes.io/metadata.name": "modelcache"}
+    }
     assert "from" not in metrics_rule  # metrics: anyone, by default
     # Clients from other namespaces only when asked.
-    docs = render(values={"networkPolicy": {"enabled": True,
-                                            "clientNamespaceSelector": {"matchLabels": {
-                                                "team": "ml"}}}})
+    docs = render(
+        values={
+            "networkPolicy": {
+                "enabled": True,
+                "clientNamespaceSelector": {"matchLabels": {"team": "ml"}},
+            }
+        }
+    )
     pol = find(docs, "NetworkPolicy")
     assert pol["metadata"]["namespace"] == "modelcache"
     assert pol["spec"]["ingress"][0]["from"][0]["namespaceSelector"] == {
-        "matchLabels": {"team": "ml"}}
+        "matchLabels": {"team": "ml"}
+    }
 
 
 def test_no_template_renders_a_privileged_or_root_container() -> None:

@@ -33,8 +33,12 @@ from serving_fixtures import model  # noqa: E402
 
 pytest_plugins = ("serving_fixtures",)
 
-TEXTS = ["short one.", "a somewhat longer sentence with a few more words in it, clearly.",
-         "mid length sentence here", "x"]
+TEXTS = [
+    "short one.",
+    "a somewhat longer sentence with a few more words in it, clearly.",
+    "mid length sentence here",
+    "x",
+]
 ALL = LogProbsOptions(top_k=5, entropy=True, expected_logprob=True, rank=True)
 
 
@@ -49,8 +53,9 @@ def by_length(items: list[EmbedItem] | list[LogProbsItem]) -> list[int]:
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.lists(st.integers(1, 9), min_size=1, max_size=6), st.sampled_from(["mean", "cls",
-                                                                              "last"]))
+@given(
+    st.lists(st.integers(1, 9), min_size=1, max_size=6), st.sampled_from(["mean", "cls", "last"])
+)
 def test_pool_ignores_padding(lengths: list[int], mode: str) -> None:
     gen = torch.Generator().manual_seed(sum(lengths))
     hidden = torch.randn(len(lengths), max(lengths), 3, generator=gen, dtype=torch.float64)
@@ -64,8 +69,7 @@ def test_pool_ignores_padding(lengths: list[int], mode: str) -> None:
 
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.integers(1, 300), min_size=1, max_size=64), st.integers(0, 4096))
-def test_split_by_length_never_costs_more_than_one_pass(lengths: list[int],
-                                                         overhead: int) -> None:
+def test_split_by_length_never_costs_more_than_one_pass(lengths: list[int], overhead: int) -> None:
     lengths.sort()
     bounds = split_by_length(lengths, overhead)
     assert bounds[0] == 0 and bounds[-1] == len(lengths) and bounds == sorted(set(bounds))
@@ -104,8 +108,9 @@ def test_statistics_match_a_float64_reference() -> None:
     torch.testing.assert_close(got["logprobs"].double(), obs, atol=1e-5, rtol=0)
     torch.testing.assert_close(got["entropy"].double(), -mean, atol=1e-5, rtol=0)
     torch.testing.assert_close(got["expected_logprob"].double(), mean, atol=1e-5, rtol=0)
-    torch.testing.assert_close(got["logprob_variance"].double(), second - mean**2, atol=1e-4,
-                               rtol=1e-5)
+    torch.testing.assert_close(
+        got["logprob_variance"].double(), second - mean**2, atol=1e-4, rtol=1e-5
+    )
     assert torch.equal(got["rank"].long(), (lp > obs[..., None]).sum(-1))
     values, indices = lp.topk(5, -1)
     torch.testing.assert_close(got["top_k_logprobs"].double(), values, atol=1e-5, rtol=0)
@@ -132,8 +137,11 @@ def test_padded_batch_equals_one_by_one(session_registry: ModelRegistry, name: s
 
 
 def test_last_token_pooling_on_a_decoder(tiny_lms: dict[str, Path]) -> None:
-    registry = ModelRegistry(parse_config({"models": [
-        model("g", tiny_lms["gpt2"], "embedding", pooling="last", normalize=False)]}))
+    registry = ModelRegistry(
+        parse_config(
+            {"models": [model("g", tiny_lms["gpt2"], "embedding", pooling="last", normalize=False)]}
+        )
+    )
     registry.prepare()
     registry.load_all()
     registry.close()
@@ -149,8 +157,9 @@ def test_last_token_pooling_on_a_decoder(tiny_lms: dict[str, Path]) -> None:
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
-def test_logprobs_chunked_equals_unchunked(session_registry: ModelRegistry, name: str,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_logprobs_chunked_equals_unchunked(
+    session_registry: ModelRegistry, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     compute = compute_of(session_registry, name)
     items = [LogProbsItem(ids, ALL) for ids in compute.tokenize(TEXTS, truncate=True)]
     items = [items[i] for i in by_length(items)]
@@ -166,8 +175,12 @@ def test_logprobs_chunked_equals_unchunked(session_registry: ModelRegistry, name
 def test_per_item_options_in_one_batch(session_registry: ModelRegistry) -> None:
     compute = compute_of(session_registry, "gpt2")
     ids = compute.tokenize(["first text here", "second text here"], truncate=True)
-    plain, rich = compute.run([LogProbsItem(ids[0], LogProbsOptions()),
-                               LogProbsItem(ids[1], LogProbsOptions(top_k=2, rank=True))])
+    plain, rich = compute.run(
+        [
+            LogProbsItem(ids[0], LogProbsOptions()),
+            LogProbsItem(ids[1], LogProbsOptions(top_k=2, rank=True)),
+        ]
+    )
     assert plain.entropy is None and plain.rank is None and plain.top_k_ids is None
     assert rich.rank is not None and rich.top_k_ids is not None and rich.entropy is None
     assert rich.top_k_ids.shape == (len(ids[1]) - 1, 2)
@@ -182,8 +195,9 @@ def test_a_one_token_sequence_has_no_positions(session_registry: ModelRegistry) 
 
 
 def test_max_length_is_capped_by_positions(tiny_lms: dict[str, Path]) -> None:
-    registry = ModelRegistry(parse_config({"models": [
-        model("g", tiny_lms["gpt2"], "causal-lm", max_length=4096)]}))
+    registry = ModelRegistry(
+        parse_config({"models": [model("g", tiny_lms["gpt2"], "causal-lm", max_length=4096)]})
+    )
     registry.prepare()
     registry.load_all()
     registry.close()

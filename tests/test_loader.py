@@ -12,8 +12,12 @@ from loader_helpers import cosine, load_one, metric, outputs, rewrite_checkpoint
 
 from modelcache.daemon.registry import ModelState
 
-BUILDERS = {"gpt2": (tiny_models.gpt2, "causal-lm"), "llama": (tiny_models.llama, "causal-lm"),
-            "bert": (tiny_models.bert, "embedding"), "roberta": (tiny_models.roberta, "embedding")}
+BUILDERS = {
+    "gpt2": (tiny_models.gpt2, "causal-lm"),
+    "llama": (tiny_models.llama, "causal-lm"),
+    "bert": (tiny_models.bert, "embedding"),
+    "roberta": (tiny_models.roberta, "embedding"),
+}
 
 
 @pytest.mark.parametrize("arch", sorted(BUILDERS))
@@ -50,7 +54,8 @@ def test_bundled_minilm_equals_sentence_transformers() -> None:
     mask = enc["attention_mask"].unsqueeze(-1).float()
     ours = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
     ref = SentenceTransformer(str(bundled_minilm()), device="cpu").encode(
-        texts, convert_to_tensor=True)
+        texts, convert_to_tensor=True
+    )
     assert torch.nn.functional.cosine_similarity(ours, ref).min() >= 0.9999
     # Non-persistent buffers were computed on the device, not left on meta.
     buffers = dict(lm.model.named_buffers())
@@ -138,8 +143,10 @@ def test_untied_checkpoint_keeps_its_own_head(tmp_path: Path) -> None:
 def test_tied_checkpoint_shares_one_tensor(tmp_path: Path) -> None:
     lm = load_one(tiny_models.gpt2(tmp_path / "gpt2", tied=True), "causal-lm").loaded
     assert lm is not None
-    assert (lm.model.get_input_embeddings().weight.data_ptr()
-            == lm.model.get_output_embeddings().weight.data_ptr())
+    assert (
+        lm.model.get_input_embeddings().weight.data_ptr()
+        == lm.model.get_output_embeddings().weight.data_ptr()
+    )
 
 
 def test_wrong_task_for_architecture(tmp_path: Path) -> None:

@@ -96,14 +96,14 @@ def test_concurrent_mixed_dtype_models_get_their_own_dtype(tmp_path: Path) -> No
         t.start()
     for t in threads:
         t.join()
-    assert out == {"float32": torch.float32, "bfloat16": torch.bfloat16,
-                   "float16": torch.float16}
+    assert out == {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     assert torch.get_default_dtype() == torch.float32
     registry.close()
 
 
 def test_global_state_leaked_by_a_third_party_thread_is_restored_and_counted(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     """What the racing from_pretrained calls leave behind (measured, issue #2): transformers'
     own context managers entered and never exited, and the default dtype switched."""
     path = tiny_models.gpt2(tmp_path / "gpt2")
@@ -113,8 +113,11 @@ def test_global_state_leaked_by_a_third_party_thread_is_restored_and_counted(
     leaked = []
 
     def third_party() -> None:
-        for cm in (hf_init.no_init_weights(), hf_init.no_tie_weights(),
-                   hf_init.meta_device_safe_creation_ops()):
+        for cm in (
+            hf_init.no_init_weights(),
+            hf_init.no_tie_weights(),
+            hf_init.meta_device_safe_creation_ops(),
+        ):
             cm.__enter__()
             leaked.append(cm)
         torch.set_default_dtype(torch.bfloat16)
@@ -128,15 +131,20 @@ def test_global_state_leaked_by_a_third_party_thread_is_restored_and_counted(
         assert entry.state is ModelState.READY, entry.error
         lm = entry.loaded
         assert lm is not None
-        assert metric("modelcache_meta_tensor_errors_total", model="m",
-                      kind="global_state") == before + 1
+        assert (
+            metric("modelcache_meta_tensor_errors_total", model="m", kind="global_state")
+            == before + 1
+        )
         # Restored: tying works, init functions are real, default dtype is back.
         assert torch.get_default_dtype() == torch.float32
         assert globalstate.check_and_restore() == []
-        assert (lm.model.get_output_embeddings().weight.data_ptr()
-                == lm.model.get_input_embeddings().weight.data_ptr())
-        assert torch.equal(outputs(lm.model, inputs, "causal-lm"),
-                           outputs(reference, inputs, "causal-lm"))
+        assert (
+            lm.model.get_output_embeddings().weight.data_ptr()
+            == lm.model.get_input_embeddings().weight.data_ptr()
+        )
+        assert torch.equal(
+            outputs(lm.model, inputs, "causal-lm"), outputs(reference, inputs, "causal-lm")
+        )
     finally:
         globalstate.check_and_restore()
 

@@ -52,8 +52,13 @@ def test_truncating_the_file_after_load_does_not_kill_the_process(tmp_path: Path
             s = sum(float(p.float().sum()) for p in lm.model.parameters())
         print("alive", bool(torch.isfinite(h).all()), s != 0)
     """)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120, cwd=Path(__file__).parent.parent)
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).parent.parent,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "alive True True" in proc.stdout
 
@@ -66,8 +71,9 @@ def test_truncated_file_fails_with_the_file_named(tmp_path: Path) -> None:
     entry = load_one(path, "causal-lm")
     assert entry.state is ModelState.FAILED and entry.error_class == "corrupt_weights"
     assert str(f) in entry.error and "truncated" in entry.error
-    assert metric("modelcache_model_loads_total", model="m",
-                  outcome="corrupt_weights") == before + 1
+    assert (
+        metric("modelcache_model_loads_total", model="m", outcome="corrupt_weights") == before + 1
+    )
 
 
 def test_corrupt_header_fails_with_the_file_named(tmp_path: Path) -> None:
@@ -85,12 +91,12 @@ def test_header_offsets_that_lie_are_caught(tmp_path: Path) -> None:
     f = path / "model.safetensors"
     raw = f.read_bytes()
     n = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8:8 + n])
+    header = json.loads(raw[8 : 8 + n])
     name = next(k for k in header if k != "__metadata__")
     header[name]["shape"] = [s * 2 for s in header[name]["shape"]]
     new = json.dumps(header, separators=(",", ":")).encode().ljust(n)
     assert len(new) == n
-    f.write_bytes(raw[:8] + new + raw[8 + n:])
+    f.write_bytes(raw[:8] + new + raw[8 + n :])
     entry = load_one(path, "causal-lm")
     assert entry.error_class == "corrupt_weights" and name in entry.error
 
@@ -108,8 +114,14 @@ def test_missing_directory_says_where_it_looked(tmp_path: Path) -> None:
 
 
 def test_hub_id_not_on_the_volume_says_how_to_fetch_it(tmp_path: Path) -> None:
-    cfg = parse_config({"models": [{"name": "m", "source": "org/model", "revision": "a" * 40,
-                                    "task": "causal-lm"}], "model_root": str(tmp_path)})
+    cfg = parse_config(
+        {
+            "models": [
+                {"name": "m", "source": "org/model", "revision": "a" * 40, "task": "causal-lm"}
+            ],
+            "model_root": str(tmp_path),
+        }
+    )
     r = ModelRegistry(cfg)
     r.prepare()
     e = r.entry("m")
@@ -123,10 +135,16 @@ def test_sources_cannot_escape_the_model_volume(tmp_path: Path) -> None:
     root.mkdir()
     outside = tiny_models.bert(tmp_path / "outside")
     (root / "link").symlink_to(outside)
-    cfg = parse_config({"model_root": str(root), "models": [
-        spec("dotdot", Path("../outside"), "embedding"),
-        spec("symlink", Path("link"), "embedding"),
-        spec("absolute", outside, "embedding")]})
+    cfg = parse_config(
+        {
+            "model_root": str(root),
+            "models": [
+                spec("dotdot", Path("../outside"), "embedding"),
+                spec("symlink", Path("link"), "embedding"),
+                spec("absolute", outside, "embedding"),
+            ],
+        }
+    )
     r = ModelRegistry(cfg)
     r.prepare()
     for name in ("dotdot", "symlink", "absolute"):
@@ -147,9 +165,15 @@ def test_one_broken_model_does_not_stop_the_others(tmp_path: Path) -> None:
     good = tiny_models.bert(tmp_path / "good")
     broken = tiny_models.gpt2(tmp_path / "broken")
     os.truncate(broken / "model.safetensors", 50)
-    cfg = parse_config({"models": [spec("broken", broken, "causal-lm"),
-                                   spec("gpu", good, "embedding", device="cuda:3"),
-                                   spec("good", good, "embedding")]})
+    cfg = parse_config(
+        {
+            "models": [
+                spec("broken", broken, "causal-lm"),
+                spec("gpu", good, "embedding", device="cuda:3"),
+                spec("good", good, "embedding"),
+            ]
+        }
+    )
     r = ModelRegistry(cfg)
     r.prepare()
     states = {e.spec.name: (e.state, e.error_class) for e in r.load_all()}
@@ -180,8 +204,13 @@ def test_out_of_memory_during_load_fails_that_model_only(tmp_path: Path) -> None
         for e in r.load_all():
             print(e.spec.name, e.state.value, e.error_class, e.error[:80])
     """)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines())
     assert lines["huge"].startswith("failed out_of_memory out of memory while loading")

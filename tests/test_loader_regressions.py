@@ -24,9 +24,16 @@ def test_gptj_position_table_is_computed_in_float32(tmp_path: Path, dtype: str) 
     """GPT-J computes its sinusoidal table in __init__ from the default dtype; built under
     a bf16 default it was off by up to 0.36 and the load still passed."""
     torch.manual_seed(0)
-    cfg = transformers.GPTJConfig(vocab_size=tiny_models.VOCAB, n_positions=2048, n_embd=64,
-                                  n_layer=2, n_head=4, rotary_dim=16, bos_token_id=101,
-                                  eos_token_id=102)
+    cfg = transformers.GPTJConfig(
+        vocab_size=tiny_models.VOCAB,
+        n_positions=2048,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        rotary_dim=16,
+        bos_token_id=101,
+        eos_token_id=102,
+    )
     path = tmp_path / "gptj"
     transformers.GPTJForCausalLM(cfg).save_pretrained(path)
     tiny_models.copy_tokenizer(path)
@@ -50,11 +57,13 @@ def _slow_loads(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
     monkeypatch.setattr(registry_module, "load_model", slow)
 
 
-def test_one_cancelled_waiter_does_not_cancel_the_load(tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_one_cancelled_waiter_does_not_cancel_the_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     _slow_loads(monkeypatch, 0.5)
-    r = ModelRegistry(parse_config({"models": [spec("m", tiny_models.bert(tmp_path / "b"),
-                                                    "embedding")]}))
+    r = ModelRegistry(
+        parse_config({"models": [spec("m", tiny_models.bert(tmp_path / "b"), "embedding")]})
+    )
     r.prepare()
 
     async def main() -> list[object]:
@@ -68,12 +77,14 @@ def test_one_cancelled_waiter_does_not_cancel_the_load(tmp_path: Path,
     r.close()
 
 
-def test_close_fails_queued_waiters_instead_of_hanging(tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_close_fails_queued_waiters_instead_of_hanging(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     _slow_loads(monkeypatch, 0.5)
     path = tiny_models.bert(tmp_path / "b")
-    r = ModelRegistry(parse_config({"models": [spec("a", path, "embedding"),
-                                               spec("b", path, "embedding")]}))
+    r = ModelRegistry(
+        parse_config({"models": [spec("a", path, "embedding"), spec("b", path, "embedding")]})
+    )
     r.prepare()
     running = r.load_async("a")
     queued = r.load_async("b")
@@ -93,9 +104,16 @@ def test_malformed_config_json_fails_that_model_only(tmp_path: Path) -> None:
     cfg = json.loads((bad / "config.json").read_text())
     cfg["num_attention_heads"] = "four"
     (bad / "config.json").write_text(json.dumps(cfg))
-    r = ModelRegistry(parse_config({"models": [spec("bad", bad, "embedding"),
-                                               spec("good", tiny_models.bert(tmp_path / "g"),
-                                                    "embedding")]}))
+    r = ModelRegistry(
+        parse_config(
+            {
+                "models": [
+                    spec("bad", bad, "embedding"),
+                    spec("good", tiny_models.bert(tmp_path / "g"), "embedding"),
+                ]
+            }
+        )
+    )
     r.prepare()
     states = {e.spec.name: (e.state, e.error_class) for e in r.load_all()}
     r.close()
@@ -106,10 +124,12 @@ def test_shard_index_cannot_point_outside_the_model(tmp_path: Path) -> None:
     path = tiny_models.bert(tmp_path / "b")
     outside = tmp_path / "outside.safetensors"
     (path / "model.safetensors").rename(outside)
-    keys = json.loads(outside.read_bytes()[8:8 + int.from_bytes(
-        outside.read_bytes()[:8], "little")])
-    (path / "model.safetensors.index.json").write_text(json.dumps(
-        {"weight_map": {k: str(outside) for k in keys if k != "__metadata__"}}))
+    keys = json.loads(
+        outside.read_bytes()[8 : 8 + int.from_bytes(outside.read_bytes()[:8], "little")]
+    )
+    (path / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {k: str(outside) for k in keys if k != "__metadata__"}})
+    )
     entry = load_one(path, "embedding")
     assert entry.error_class == "corrupt_weights" and "not a plain file name" in entry.error
 

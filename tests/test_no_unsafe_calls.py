@@ -9,9 +9,21 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "modelcache"
-FORBIDDEN_CALLS = {"eval", "exec", "compile", "os.system", "os.popen", "pickle.load",
-                   "pickle.loads", "torch.load", "marshal.loads", "yaml.load",
-                   "yaml.unsafe_load", "subprocess.getoutput", "subprocess.getstatusoutput"}
+FORBIDDEN_CALLS = {
+    "eval",
+    "exec",
+    "compile",
+    "os.system",
+    "os.popen",
+    "pickle.load",
+    "pickle.loads",
+    "torch.load",
+    "marshal.loads",
+    "yaml.load",
+    "yaml.unsafe_load",
+    "subprocess.getoutput",
+    "subprocess.getstatusoutput",
+}
 
 
 def _name(node: ast.expr) -> str:
@@ -36,8 +48,9 @@ def test_no_unsafe_calls(path: Path) -> None:
             if name in FORBIDDEN_CALLS:
                 bad.append(f"{path.name}:{node.lineno} {name}()")
             for kw in node.keywords:
-                if kw.arg == "shell" and not (isinstance(kw.value, ast.Constant)
-                                              and kw.value.value is False):
+                if kw.arg == "shell" and not (
+                    isinstance(kw.value, ast.Constant) and kw.value.value is False
+                ):
                     bad.append(f"{path.name}:{node.lineno} {name}(shell=...)")
         if isinstance(node, ast.ImportFrom) and node.module in {"pickle", "marshal"}:
             bad.append(f"{path.name}:{node.lineno} from {node.module} import ...")

@@ -63,9 +63,7 @@ def test_tls_secret_is_mounted_read_only_and_named_in_env(client_auth: bool) -> 
     if client_auth:
         assert env["MODELCACHE_TLS_CLIENT_CA"] == f"{TLS_DIR}/ca.crt"
     # init containers (downloads) never see the Secret
-    assert all(
-        m["name"] != "tls" for c in pod["initContainers"] for m in c["volumeMounts"]
-    )
+    assert all(m["name"] != "tls" for c in pod["initContainers"] for m in c["volumeMounts"])
     # turning TLS on or changing the Secret rolls the pods
     plain = builders.template_hash(_spec(), OWNER)
     other = builders.template_hash(_spec(tls={"secretName": "other"}), OWNER)
@@ -77,9 +75,7 @@ def test_tls_spec_is_validated_and_mirrored_in_the_crd() -> None:
         _spec(tls={"secretName": "Bad_Name"})
     with pytest.raises(SpecError, match=r"spec\.tls"):
         _spec(tls={"clientAuth": True})
-    crd = yaml.safe_load(
-        (ROOT / "deploy/helm/modelcache/files/crd-modelcaches.yaml").read_text()
-    )
+    crd = yaml.safe_load((ROOT / "deploy/helm/modelcache/files/crd-modelcaches.yaml").read_text())
     tls = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"][
         "properties"
     ]["tls"]
@@ -113,15 +109,56 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     if shutil.which("openssl") is None:
         pytest.skip("openssl CLI not installed")
     d = tmp_path_factory.mktemp("certs")
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
-             "-keyout", "ca.key", "-out", "ca.crt", cwd=d)
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={SERVER_NAME}",
-             "-keyout", "tls.key", "-out", "tls.csr", cwd=d)
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        cwd=d,
+    )
+    _openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        f"/CN={SERVER_NAME}",
+        "-keyout",
+        "tls.key",
+        "-out",
+        "tls.csr",
+        cwd=d,
+    )
     (d / "ext.cnf").write_text(
         f"subjectAltName=DNS:{SERVER_NAME}\nextendedKeyUsage=serverAuth,clientAuth\n"
     )
-    _openssl("x509", "-req", "-in", "tls.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-             "-CAcreateserial", "-days", "2", "-extfile", "ext.cnf", "-out", "tls.crt", cwd=d)
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        "tls.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+        "-out",
+        "tls.crt",
+        cwd=d,
+    )
     return {n: (d / n).read_bytes() for n in ("ca.crt", "tls.crt", "tls.key")}
 
 

@@ -35,16 +35,37 @@ from daemon_process import ServeProcess  # noqa: E402
 
 Code = grpc.StatusCode
 MAX_QUEUE = 8
-WORDS = ["the", "daemon", "refuses", "what", "it", "cannot", "queue", "and", "serves", "the",
-         "rest", "exactly", "once"]
+WORDS = [
+    "the",
+    "daemon",
+    "refuses",
+    "what",
+    "it",
+    "cannot",
+    "queue",
+    "and",
+    "serves",
+    "the",
+    "rest",
+    "exactly",
+    "once",
+]
 TEXTS = [" ".join(random.Random(i).choices(WORDS, k=30 + i % 20)) for i in range(32)]
 
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
-    config = {"batching": {"max_queue": MAX_QUEUE},
-              "models": [{"name": "minilm", "source": str(bundled_minilm()),
-                          "task": "embedding", "max_length": 128}]}
+    config = {
+        "batching": {"max_queue": MAX_QUEUE},
+        "models": [
+            {
+                "name": "minilm",
+                "source": str(bundled_minilm()),
+                "task": "embedding",
+                "max_length": 128,
+            }
+        ],
+    }
     with ServeProcess(config, tmp_path_factory.mktemp("overload"), name="overload") as proc:
         proc.wait_settled()
         yield proc
@@ -56,8 +77,13 @@ def reference(daemon: ServeProcess) -> dict[str, np.ndarray[Any, Any]]:
     """Each text alone, before any load."""
     with grpc.insecure_channel(daemon.address) as channel:
         stub = pb_grpc.ModelCacheStub(channel)  # type: ignore[no-untyped-call]
-        return {t: np.frombuffer(stub.Embed(pb.EmbedRequest(model="minilm", inputs=[t]),
-                                            timeout=60).embeddings, "<f4") for t in TEXTS}
+        return {
+            t: np.frombuffer(
+                stub.Embed(pb.EmbedRequest(model="minilm", inputs=[t]), timeout=60).embeddings,
+                "<f4",
+            )
+            for t in TEXTS
+        }
 
 
 def pair(i: int) -> list[str]:
@@ -97,8 +123,9 @@ class QueueWatch:
 Result = tuple[Code, float, list[str], bytes]
 
 
-async def flood(address: str, clients: int, seconds: float, pause: float
-                ) -> tuple[list[Result], list[float]]:
+async def flood(
+    address: str, clients: int, seconds: float, pause: float
+) -> tuple[list[Result], list[float]]:
     """``clients`` closed-loop clients over 4 channels for ``seconds``: each sends its next
     request as soon as it has an answer, or on average ``pause`` s after a refusal.
 
@@ -118,8 +145,7 @@ async def flood(address: str, clients: int, seconds: float, pause: float
             texts = rng.sample(TEXTS, 2)
             started = time.perf_counter()
             try:
-                resp = await stub.Embed(pb.EmbedRequest(model="minilm", inputs=texts),
-                                        timeout=60)
+                resp = await stub.Embed(pb.EmbedRequest(model="minilm", inputs=texts), timeout=60)
                 code, body = Code.OK, resp.embeddings
             except grpc.aio.AioRpcError as exc:
                 code, body = exc.code(), (exc.details() or "").encode()
@@ -142,15 +168,22 @@ async def flood(address: str, clients: int, seconds: float, pause: float
 def handled_within(daemon: ServeProcess, seconds: float) -> float:
     """Embed calls the servicer handled within ``seconds`` (its request-duration histogram,
     phase total, which a refusal reaches at once)."""
-    return daemon.metric("modelcache_request_duration_seconds_bucket", model="minilm",
-                         method="Embed", phase="total", le=str(seconds))
+    return daemon.metric(
+        "modelcache_request_duration_seconds_bucket",
+        model="minilm",
+        method="Embed",
+        phase="total",
+        le=str(seconds),
+    )
 
 
 @pytest.mark.slow
 def test_overload_refuses_fast_serves_the_admitted_and_recovers(
-        daemon: ServeProcess, reference: dict[str, np.ndarray[Any, Any]]) -> None:
-    refused_before = daemon.metric("modelcache_requests_total", model="minilm",
-                                   code="RESOURCE_EXHAUSTED")
+    daemon: ServeProcess, reference: dict[str, np.ndarray[Any, Any]]
+) -> None:
+    refused_before = daemon.metric(
+        "modelcache_requests_total", model="minilm", code="RESOURCE_EXHAUSTED"
+    )
     fast_before = handled_within(daemon, 0.001)
     # This process is the clients: its own full collections (pytest has imported torch,
     # transformers, ...) would stall the event loop that times the answers.
@@ -158,8 +191,9 @@ def test_overload_refuses_fast_serves_the_admitted_and_recovers(
     gc.freeze()
     try:
         with QueueWatch(daemon) as watch:
-            results, control = asyncio.run(flood(daemon.address, clients=128, seconds=8.0,
-                                                 pause=0.25))
+            results, control = asyncio.run(
+                flood(daemon.address, clients=128, seconds=8.0, pause=0.25)
+            )
     finally:
         gc.unfreeze()
     codes = collections.Counter(code for code, *_ in results)
@@ -168,15 +202,18 @@ def test_overload_refuses_fast_serves_the_admitted_and_recovers(
     admitted = [(lat, texts, body) for code, lat, texts, body in results if code == Code.OK]
     # far over the bound: most requests are refused, and some are always admitted
     assert len(refused) > 4 * len(admitted) > 0, codes
-    assert all(b"queue full" in body for code, _, _, body in results
-               if code == Code.RESOURCE_EXHAUSTED)
+    assert all(
+        b"queue full" in body for code, _, _, body in results if code == Code.RESOURCE_EXHAUSTED
+    )
     p50, p99, control99 = pct(refused, 50), pct(refused, 99), pct(control, 99)
-    print(f"\noverload: {len(results)} requests from 128 clients in 8 s: "
-          f"{len(admitted)} admitted (p50 {1e3 * pct([a[0] for a in admitted], 50):.0f} ms, "
-          f"p99 {1e3 * pct([a[0] for a in admitted], 99):.0f} ms), {len(refused)} refused "
-          f"(p50 {1e3 * p50:.1f} ms, p99 {1e3 * p99:.1f} ms, max {1e3 * max(refused):.1f} ms);"
-          f" health Check in the same traffic p50 {1e3 * pct(control, 50):.1f} ms, p99 "
-          f"{1e3 * control99:.1f} ms; queue depth max {max(watch.depths):.0f} of {MAX_QUEUE}")
+    print(
+        f"\noverload: {len(results)} requests from 128 clients in 8 s: "
+        f"{len(admitted)} admitted (p50 {1e3 * pct([a[0] for a in admitted], 50):.0f} ms, "
+        f"p99 {1e3 * pct([a[0] for a in admitted], 99):.0f} ms), {len(refused)} refused "
+        f"(p50 {1e3 * p50:.1f} ms, p99 {1e3 * p99:.1f} ms, max {1e3 * max(refused):.1f} ms);"
+        f" health Check in the same traffic p50 {1e3 * pct(control, 50):.1f} ms, p99 "
+        f"{1e3 * control99:.1f} ms; queue depth max {max(watch.depths):.0f} of {MAX_QUEUE}"
+    )
     # A refusal is answered at admission, before any queue or tokenization. In the daemon
     # (its own histogram of handler time) that takes under 1 ms, for nearly all of them:
     fast = handled_within(daemon, 0.001) - fast_before
@@ -194,18 +231,23 @@ def test_overload_refuses_fast_serves_the_admitted_and_recovers(
         assert all(same(row, reference[t]) for row, t in zip(rows, texts, strict=True))
     assert max(watch.depths) <= MAX_QUEUE and len(watch.depths) > 10
     # the daemon counted every refusal the clients saw
-    assert daemon.metric("modelcache_requests_total", model="minilm",
-                         code="RESOURCE_EXHAUSTED") - refused_before == len(refused)
+    assert daemon.metric(
+        "modelcache_requests_total", model="minilm", code="RESOURCE_EXHAUSTED"
+    ) - refused_before == len(refused)
 
     # load gone: everything is admitted again, alone and a few at a time
     with grpc.insecure_channel(daemon.address) as channel:
         stub = pb_grpc.ModelCacheStub(channel)  # type: ignore[no-untyped-call]
         for t in TEXTS[:10]:
-            got = np.frombuffer(stub.Embed(pb.EmbedRequest(model="minilm", inputs=[t]),
-                                           timeout=30).embeddings, "<f4")
+            got = np.frombuffer(
+                stub.Embed(pb.EmbedRequest(model="minilm", inputs=[t]), timeout=30).embeddings,
+                "<f4",
+            )
             assert same(got, reference[t])
-        futures = [stub.Embed.future(pb.EmbedRequest(model="minilm", inputs=[t]), timeout=30)
-                   for t in TEXTS[:MAX_QUEUE]]
+        futures = [
+            stub.Embed.future(pb.EmbedRequest(model="minilm", inputs=[t]), timeout=30)
+            for t in TEXTS[:MAX_QUEUE]
+        ]
         for f, t in zip(futures, TEXTS, strict=False):
             assert same(np.frombuffer(f.result().embeddings, "<f4"), reference[t])
     assert daemon.alive()
@@ -213,7 +255,8 @@ def test_overload_refuses_fast_serves_the_admitted_and_recovers(
 
 @pytest.mark.slow
 def test_retrying_clients_converge_under_overload(
-        daemon: ServeProcess, reference: dict[str, np.ndarray[Any, Any]]) -> None:
+    daemon: ServeProcess, reference: dict[str, np.ndarray[Any, Any]]
+) -> None:
     """64 clients at once, 8x the bound, each with the library's retry policy: every one of
     them gets its (correct) answer; many only after being refused."""
     retries: collections.Counter[str] = collections.Counter()
@@ -221,13 +264,13 @@ def test_retrying_clients_converge_under_overload(
     def on_retry(attempt: int, code: Code, delay: float) -> None:
         retries[code.name] += 1
 
-    policy = RetryPolicy(max_attempts=60, initial_backoff=0.05, max_backoff=1.0,
-                         on_retry=on_retry)
+    policy = RetryPolicy(max_attempts=60, initial_backoff=0.05, max_backoff=1.0, on_retry=on_retry)
 
     async def run() -> tuple[list[np.ndarray[Any, Any]], float]:
         started = time.perf_counter()
-        async with AsyncModelCacheClient(daemon.address, timeout=120, retry=policy,
-                                         seed=7) as client:
+        async with AsyncModelCacheClient(
+            daemon.address, timeout=120, retry=policy, seed=7
+        ) as client:
             got = await asyncio.gather(*(client.embed("minilm", pair(i)) for i in range(64)))
         return got, time.perf_counter() - started
 
@@ -235,8 +278,10 @@ def test_retrying_clients_converge_under_overload(
     for i, rows in enumerate(got):
         assert rows.shape == (2, 384)
         assert all(same(r, reference[t]) for r, t in zip(rows, pair(i), strict=True))
-    print(f"\nretries: 64 requests all answered in {seconds:.1f} s after "
-          f"{sum(retries.values())} retries {dict(retries)}")
+    print(
+        f"\nretries: 64 requests all answered in {seconds:.1f} s after "
+        f"{sum(retries.values())} retries {dict(retries)}"
+    )
     assert set(retries) == {"RESOURCE_EXHAUSTED"} and sum(retries.values()) >= 32
 
 

@@ -45,8 +45,11 @@ from modelcache.v1 import modelcache_pb2, modelcache_pb2_grpc
 TARGET_LABELS = {"namespace": "ml", "modelcache": "minilm-cache", "pod": "minilm-cache-0"}
 VARIABLES = {"namespace": "ml", "modelcache": "minilm-cache", "model": "minilm"}
 # Dashboard queries that stay empty on a healthy daemon with no operator in sight.
-EMPTY_WHEN_HEALTHY = ("modelcache_meta_tensor_errors_total", "modelcache_worker_restarts_total",
-                      "modelcache_operator_")
+EMPTY_WHEN_HEALTHY = (
+    "modelcache_meta_tensor_errors_total",
+    "modelcache_worker_restarts_total",
+    "modelcache_operator_",
+)
 
 
 class Prometheus:
@@ -77,13 +80,16 @@ def prometheus(daemon: Daemon, tmp_path_factory: pytest.TempPathFactory) -> Iter
     rules = rendered_rules()
     (tmp / "rules.yaml").write_text(yaml.safe_dump(rules, sort_keys=False))
     config = {
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s",
-                   "scrape_timeout": "1s"},
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s", "scrape_timeout": "1s"},
         "rule_files": [str(tmp / "rules.yaml")],
-        "scrape_configs": [{
-            "job_name": "ml/minilm-cache",
-            "static_configs": [{"targets": [f"127.0.0.1:{daemon.metrics_port}"],
-                                "labels": TARGET_LABELS}]}],
+        "scrape_configs": [
+            {
+                "job_name": "ml/minilm-cache",
+                "static_configs": [
+                    {"targets": [f"127.0.0.1:{daemon.metrics_port}"], "labels": TARGET_LABELS}
+                ],
+            }
+        ],
     }
     (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
     run([tool("promtool"), "check", "config", str(tmp / "prometheus.yml")])
@@ -91,37 +97,55 @@ def prometheus(daemon: Daemon, tmp_path_factory: pytest.TempPathFactory) -> Iter
     log = tmp / "prometheus.log"
     with log.open("wb") as logf:
         proc = subprocess.Popen(
-            [tool("prometheus"), f"--config.file={tmp / 'prometheus.yml'}",
-             f"--storage.tsdb.path={tmp / 'data'}", f"--web.listen-address=127.0.0.1:{port}",
-             "--log.level=warn"],
-            stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            [
+                tool("prometheus"),
+                f"--config.file={tmp / 'prometheus.yml'}",
+                f"--storage.tsdb.path={tmp / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--log.level=warn",
+            ],
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
     prom = Prometheus(port)
     try:
-        wait_for(lambda: http_get(f"{prom.url}/-/ready").strip(), 60, "Prometheus ready",
-                 proc, log)
-        wait_for(lambda: prom.query('up{job="ml/minilm-cache"} == 1'), 30,
-                 "the daemon target to be up", proc, log)
+        wait_for(lambda: http_get(f"{prom.url}/-/ready").strip(), 60, "Prometheus ready", proc, log)
+        wait_for(
+            lambda: prom.query('up{job="ml/minilm-cache"} == 1'),
+            30,
+            "the daemon target to be up",
+            proc,
+            log,
+        )
         yield prom
     finally:
         stop(proc)
 
 
 def _embed(daemon: Daemon) -> None:
-    with grpc.insecure_channel(f"127.0.0.1:{daemon.grpc_port}",
-                               options=[("grpc.enable_http_proxy", 0)]) as ch:
+    with grpc.insecure_channel(
+        f"127.0.0.1:{daemon.grpc_port}", options=[("grpc.enable_http_proxy", 0)]
+    ) as ch:
         stub = modelcache_pb2_grpc.ModelCacheStub(ch)
         for i in range(4):
-            r = stub.Embed(modelcache_pb2.EmbedRequest(
-                model="minilm", inputs=[f"sentence {i}", "another one"], truncate=True),
-                timeout=60)
+            r = stub.Embed(
+                modelcache_pb2.EmbedRequest(
+                    model="minilm", inputs=[f"sentence {i}", "another one"], truncate=True
+                ),
+                timeout=60,
+            )
             assert r.rows == 2 and r.dims == 384
         with pytest.raises(grpc.RpcError) as err:
-            stub.Embed(modelcache_pb2.EmbedRequest(model="no-such-model", inputs=["x"]),
-                       timeout=60)
+            stub.Embed(modelcache_pb2.EmbedRequest(model="no-such-model", inputs=["x"]), timeout=60)
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
         with pytest.raises(grpc.RpcError) as err:  # longer than max_length, no truncation
-            stub.Embed(modelcache_pb2.EmbedRequest(model="minilm", inputs=["word " * 2000],
-                                                   truncate=False), timeout=60)
+            stub.Embed(
+                modelcache_pb2.EmbedRequest(
+                    model="minilm", inputs=["word " * 2000], truncate=False
+                ),
+                timeout=60,
+            )
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
@@ -142,21 +166,29 @@ def test_daemon_exposition_passes_promtool(daemon: Daemon) -> None:
     text = daemon.metrics()
     run([tool("promtool"), "check", "metrics"], input=text)
     families = {f.name for f in text_string_to_metric_families(text)}
-    assert {"modelcache_requests", "modelcache_request_duration_seconds",
-            "modelcache_model_load_seconds", "modelcache_build_info"} <= families
+    assert {
+        "modelcache_requests",
+        "modelcache_request_duration_seconds",
+        "modelcache_model_load_seconds",
+        "modelcache_build_info",
+    } <= families
 
 
-def test_every_dashboard_query_runs_on_prometheus(daemon: Daemon,
-                                                  prometheus: Prometheus) -> None:
+def test_every_dashboard_query_runs_on_prometheus(daemon: Daemon, prometheus: Prometheus) -> None:
     _embed(daemon)
     dash = dashboard()
     exprs = [(title, grafana_to_promql(e, VARIABLES)) for title, e in dashboard_targets(dash)]
     # The template variables' queries find the daemon's namespace, ModelCache and model.
-    exprs += [(f"variable {v['name']}", grafana_to_promql(variable_selector(v["query"]),
-                                                          VARIABLES))
-              for v in dash["templating"]["list"] if v["type"] == "query"]
-    pending = {(t, e) for t, e in exprs
-               if not any(m.startswith(EMPTY_WHEN_HEALTHY) for m in promql_metric_names(e))}
+    exprs += [
+        (f"variable {v['name']}", grafana_to_promql(variable_selector(v["query"]), VARIABLES))
+        for v in dash["templating"]["list"]
+        if v["type"] == "query"
+    ]
+    pending = {
+        (t, e)
+        for t, e in exprs
+        if not any(m.startswith(EMPTY_WHEN_HEALTHY) for m in promql_metric_names(e))
+    }
     deadline = time.monotonic() + 30
     while True:  # rate() needs two scrapes after the calls
         for title, expr in exprs:
@@ -175,8 +207,12 @@ def test_alert_rules_evaluate_and_stay_quiet_on_a_healthy_daemon(prometheus: Pro
     def evaluated() -> list[dict[str, Any]]:
         groups = prometheus.api("rules", type="alert")["groups"]
         rules = [r for g in groups for r in g["rules"]]
-        done = [r for r in rules if r.get("lastEvaluation", "").startswith("20")
-                and not r["lastEvaluation"].startswith("0001")]
+        done = [
+            r
+            for r in rules
+            if r.get("lastEvaluation", "").startswith("20")
+            and not r["lastEvaluation"].startswith("0001")
+        ]
         return rules if len(done) == len(names) else []
 
     rules = wait_for(evaluated, 30, "every alerting rule to be evaluated")

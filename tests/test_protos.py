@@ -11,15 +11,27 @@ GENERATED = ROOT / "modelcache" / "v1"
 
 
 def test_generated_code_is_fresh(tmp_path: Path) -> None:
-    subprocess.run(["bash", str(ROOT / "hack" / "gen-protos.sh"), str(tmp_path)], check=True,
-                   cwd=ROOT, env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"},
-                   capture_output=True, timeout=120)
+    subprocess.run(
+        ["bash", str(ROOT / "hack" / "gen-protos.sh"), str(tmp_path)],
+        check=True,
+        cwd=ROOT,
+        env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        timeout=120,
+    )
     fresh = tmp_path / "modelcache" / "v1"
     names = sorted(p.name for p in fresh.iterdir() if p.suffix in (".py", ".pyi"))
-    assert names == ["__init__.py", "modelcache_pb2.py", "modelcache_pb2.pyi",
-                     "modelcache_pb2_grpc.py"]
-    stale = [n for n in names if n != "__init__.py"
-             and (fresh / n).read_bytes() != (GENERATED / n).read_bytes()]
+    assert names == [
+        "__init__.py",
+        "modelcache_pb2.py",
+        "modelcache_pb2.pyi",
+        "modelcache_pb2_grpc.py",
+    ]
+    stale = [
+        n
+        for n in names
+        if n != "__init__.py" and (fresh / n).read_bytes() != (GENERATED / n).read_bytes()
+    ]
     assert not stale, f"{stale} differ from protos/: run `make protos` and commit the result"
 
 
@@ -28,10 +40,22 @@ def test_the_check_notices_a_change(tmp_path: Path) -> None:
     protos = tmp_path / "protos" / "modelcache" / "v1"
     protos.mkdir(parents=True)
     source = (ROOT / "protos" / "modelcache" / "v1" / "modelcache.proto").read_text()
-    (protos / "modelcache.proto").write_text(source.replace("uint32 top_k = 4;",
-                                                            "uint32 top_k = 4;\n  bool x = 99;"))
-    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-I{tmp_path / 'protos'}",
-                    f"--python_out={tmp_path}", "modelcache/v1/modelcache.proto"],
-                   check=True, cwd=tmp_path, capture_output=True, timeout=120)
+    (protos / "modelcache.proto").write_text(
+        source.replace("uint32 top_k = 4;", "uint32 top_k = 4;\n  bool x = 99;")
+    )
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            f"-I{tmp_path / 'protos'}",
+            f"--python_out={tmp_path}",
+            "modelcache/v1/modelcache.proto",
+        ],
+        check=True,
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=120,
+    )
     changed = (tmp_path / "modelcache" / "v1" / "modelcache_pb2.py").read_bytes()
     assert changed != (GENERATED / "modelcache_pb2.py").read_bytes()

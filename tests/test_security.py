@@ -41,18 +41,51 @@ def make_pki(d: Path) -> None:
     """ca (trusted) and rogue (not) CAs; a server certificate for 127.0.0.1 from ca; client
     certificates from each CA."""
     for ca in ("ca", "rogue"):
-        openssl(d, "req", "-x509", *EC, "-keyout", f"{ca}.key", "-out", f"{ca}.pem",
-                "-days", "2", "-subj", f"/CN={ca}")
-    for name, ca, ext in (("server", "ca", "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
-                                           "extendedKeyUsage=serverAuth\n"),
-                          ("client", "ca", "extendedKeyUsage=clientAuth\n"),
-                          ("intruder", "rogue", "extendedKeyUsage=clientAuth\n")):
-        openssl(d, "req", *EC, "-keyout", f"{name}.key", "-out", f"{name}.csr",
-                "-subj", f"/CN={name}")
+        openssl(
+            d,
+            "req",
+            "-x509",
+            *EC,
+            "-keyout",
+            f"{ca}.key",
+            "-out",
+            f"{ca}.pem",
+            "-days",
+            "2",
+            "-subj",
+            f"/CN={ca}",
+        )
+    for name, ca, ext in (
+        (
+            "server",
+            "ca",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
+        ),
+        ("client", "ca", "extendedKeyUsage=clientAuth\n"),
+        ("intruder", "rogue", "extendedKeyUsage=clientAuth\n"),
+    ):
+        openssl(
+            d, "req", *EC, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}"
+        )
         (d / f"{name}.ext").write_text("basicConstraints=CA:FALSE\n" + ext)
-        openssl(d, "x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey",
-                f"{ca}.key", "-CAcreateserial", "-out", f"{name}.pem", "-days", "2",
-                "-extfile", f"{name}.ext")
+        openssl(
+            d,
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            f"{ca}.pem",
+            "-CAkey",
+            f"{ca}.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.pem",
+            "-days",
+            "2",
+            "-extfile",
+            f"{name}.ext",
+        )
 
 
 @pytest.fixture(scope="module")
@@ -71,21 +104,32 @@ def volume(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def config(volume: Path) -> dict[str, Any]:
-    return {"model_root": str(volume / "volume"), "models": [
-        {"name": "bert", "source": "./bert", "task": "embedding"},
-        {"name": "escape", "source": "../outside", "task": "embedding"}]}
+    return {
+        "model_root": str(volume / "volume"),
+        "models": [
+            {"name": "bert", "source": "./bert", "task": "embedding"},
+            {"name": "escape", "source": "../outside", "task": "embedding"},
+        ],
+    }
 
 
 def daemon(volume: Path, pki: Path, workdir: Path, mutual: bool) -> ServeProcess:
-    env = {"MODELCACHE_TLS_CERT": str(pki / "server.pem"),
-           "MODELCACHE_TLS_KEY": str(pki / "server.key")}
+    env = {
+        "MODELCACHE_TLS_CERT": str(pki / "server.pem"),
+        "MODELCACHE_TLS_KEY": str(pki / "server.key"),
+    }
     if mutual:
         env["MODELCACHE_TLS_CLIENT_CA"] = str(pki / "ca.pem")
     return ServeProcess(config(volume), workdir, env=env, name="mtls" if mutual else "tls")
 
 
-def client(proc: ServeProcess, pki: Path, ca: str | None = "ca", cert: str | None = None,
-           timeout: float = 5) -> ModelCacheClient:
+def client(
+    proc: ServeProcess,
+    pki: Path,
+    ca: str | None = "ca",
+    cert: str | None = None,
+    timeout: float = 5,
+) -> ModelCacheClient:
     kw: dict[str, Any] = {"timeout": timeout, "retry": None}
     if ca is not None:
         kw["root_certificates"] = (pki / f"{ca}.pem").read_bytes()
@@ -103,8 +147,9 @@ def refused(c: ModelCacheClient) -> ModelCacheError:
 
 
 @pytest.fixture(scope="module")
-def tls(volume: Path, pki: Path, tmp_path_factory: pytest.TempPathFactory
-        ) -> Iterator[ServeProcess]:
+def tls(
+    volume: Path, pki: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServeProcess]:
     with daemon(volume, pki, tmp_path_factory.mktemp("tls"), mutual=False) as proc:
         assert "(TLS)" in proc.log()
         with client(proc, pki, timeout=120) as c:
@@ -113,8 +158,9 @@ def tls(volume: Path, pki: Path, tmp_path_factory: pytest.TempPathFactory
 
 
 @pytest.fixture(scope="module")
-def mtls(volume: Path, pki: Path, tmp_path_factory: pytest.TempPathFactory
-         ) -> Iterator[ServeProcess]:
+def mtls(
+    volume: Path, pki: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServeProcess]:
     with daemon(volume, pki, tmp_path_factory.mktemp("mtls"), mutual=True) as proc:
         with client(proc, pki, cert="client", timeout=120) as c:
             c.wait_until_serving("bert", timeout=120)
@@ -148,8 +194,9 @@ def test_tls_refuses_plaintext_and_untrusted_servers(tls: ServeProcess, pki: Pat
 
 
 @pytest.mark.slow
-def test_mutual_tls_accepts_only_certificates_from_the_client_ca(mtls: ServeProcess,
-                                                                 pki: Path) -> None:
+def test_mutual_tls_accepts_only_certificates_from_the_client_ca(
+    mtls: ServeProcess, pki: Path
+) -> None:
     with client(mtls, pki, cert="client") as c:
         assert c.embed("bert", ["a known client"]).shape == (1, 64)
     refused(client(mtls, pki, cert="intruder"))  # a certificate, but from another CA
@@ -159,10 +206,10 @@ def test_mutual_tls_accepts_only_certificates_from_the_client_ca(mtls: ServeProc
     creds = grpc.ssl_channel_credentials((pki / "ca.pem").read_bytes())
     with grpc.secure_channel(mtls.address, creds) as channel:
         with pytest.raises(grpc.RpcError) as info:
-            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
-                                                      timeout=5)
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert info.value.code() in (Code.UNAVAILABLE, Code.DEADLINE_EXCEEDED)
         with pytest.raises(grpc.RpcError):
             pb_grpc.ModelCacheStub(channel).ListModels(  # type: ignore[no-untyped-call]
-                pb.ListModelsRequest(), timeout=5)
+                pb.ListModelsRequest(), timeout=5
+            )
     assert mtls.alive()

@@ -25,7 +25,8 @@ class CriteriaModel(torch.nn.Module):
 
 
 def test_seed001_first_parameter_check_misses_meta_encoder_but_ours_does_not(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     path = tiny_models.roberta(tmp_path / "roberta")
     with torch.device("meta"):
         encoder = transformers.AutoModel.from_config(transformers.AutoConfig.from_pretrained(path))
@@ -36,8 +37,7 @@ def test_seed001_first_parameter_check_misses_meta_encoder_but_ours_does_not(
     before = metric("modelcache_meta_tensor_errors_total", model="seed001", kind="parameter")
     with pytest.raises(ModelLoadError, match=r"encoder\.embeddings\.word_embeddings\.weight"):
         verify.check_placement(model, "seed001", torch.device("cpu"), torch.float32)
-    assert metric("modelcache_meta_tensor_errors_total", model="seed001",
-                  kind="parameter") > before
+    assert metric("modelcache_meta_tensor_errors_total", model="seed001", kind="parameter") > before
     # The same encoder through modelcache: real weights, equal to the checkpoint.
     lm = load_one(path, "embedding").loaded
     assert lm is not None
@@ -51,7 +51,8 @@ def test_seed001_to_empty_reset_parameters_fix_gives_random_weights(tmp_path: Pa
     path = tiny_models.gpt2(tmp_path / "gpt2")
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(
-            transformers.AutoConfig.from_pretrained(path))
+            transformers.AutoConfig.from_pretrained(path)
+        )
     model.to_empty(device="cpu")
     for m in model.modules():
         if hasattr(m, "reset_parameters"):
@@ -76,13 +77,15 @@ def test_meta_buffers_are_caught_by_name(tmp_path: Path) -> None:
     assert lm is not None
     model = lm.model
     original = model.embeddings.position_ids
-    model.embeddings.register_buffer("position_ids", torch.empty_like(original, device="meta"),
-                                     persistent=False)
+    model.embeddings.register_buffer(
+        "position_ids", torch.empty_like(original, device="meta"), persistent=False
+    )
     try:
         with pytest.raises(ModelLoadError, match=r"buffers \[embeddings\.position_ids\]"):
             verify.check_placement(model, "minilm-meta", torch.device("cpu"), torch.float32)
-        assert metric("modelcache_meta_tensor_errors_total", model="minilm-meta",
-                      kind="buffer") >= 1
+        assert (
+            metric("modelcache_meta_tensor_errors_total", model="minilm-meta", kind="buffer") >= 1
+        )
     finally:
         model.embeddings.register_buffer("position_ids", original, persistent=False)
 
@@ -102,8 +105,17 @@ def test_seed002_versions_are_exported_for_skew_detection() -> None:
     record_build_info()
     v = versions()
     assert v["torch"].startswith("2.13.0") and v["transformers"] == "5.23.0"
-    assert metric("modelcache_build_info", version=v["modelcache"], torch=v["torch"],
-                  transformers=v["transformers"], python=v["python"], cuda=v["cuda"]) == 1
+    assert (
+        metric(
+            "modelcache_build_info",
+            version=v["modelcache"],
+            torch=v["torch"],
+            transformers=v["transformers"],
+            python=v["python"],
+            cuda=v["cuda"],
+        )
+        == 1
+    )
 
 
 def test_seed000_many_detectors_share_one_loaded_model(tmp_path: Path) -> None:

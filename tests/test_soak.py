@@ -22,9 +22,23 @@ REPO = Path(__file__).resolve().parents[1]
 def test_sixty_second_soak(tmp_path: Path) -> None:
     out = tmp_path / "soak.json"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "soak.py"), "--seconds", "60", "--clients", "32",
-         "--warmup", "10", "--json", str(out)],
-        capture_output=True, text=True, timeout=400, cwd=REPO)
+        [
+            sys.executable,
+            str(REPO / "bench" / "soak.py"),
+            "--seconds",
+            "60",
+            "--clients",
+            "32",
+            "--warmup",
+            "10",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        cwd=REPO,
+    )
     print(proc.stdout)
     assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     r = json.loads(out.read_text())

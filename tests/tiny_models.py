@@ -18,8 +18,12 @@ from transformers import AutoTokenizer
 from modelcache.examples import bundled_minilm
 
 VOCAB = 30522
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt",
-                    "special_tokens_map.json")
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "special_tokens_map.json",
+)
 
 
 def copy_tokenizer(dest: Path) -> None:
@@ -36,38 +40,63 @@ def _save(model: transformers.PreTrainedModel, dest: Path) -> Path:
     return dest
 
 
-def gpt2(dest: Path, *, tied: bool = True, layers: int = 2, width: int = 64,
-         seed: int = 0) -> Path:
+def gpt2(dest: Path, *, tied: bool = True, layers: int = 2, width: int = 64, seed: int = 0) -> Path:
     torch.manual_seed(seed)
-    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_positions=256, n_embd=width,
-                                  n_layer=layers, n_head=4, tie_word_embeddings=tied,
-                                  bos_token_id=101, eos_token_id=102)
+    cfg = transformers.GPT2Config(
+        vocab_size=VOCAB,
+        n_positions=256,
+        n_embd=width,
+        n_layer=layers,
+        n_head=4,
+        tie_word_embeddings=tied,
+        bos_token_id=101,
+        eos_token_id=102,
+    )
     return _save(transformers.GPT2LMHeadModel(cfg), dest)
 
 
 def llama(dest: Path, *, seed: int = 1, width: int = 64) -> Path:
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=width,
-                                   intermediate_size=width * 2, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2,
-                                   max_position_embeddings=256, tie_word_embeddings=False,
-                                   bos_token_id=101, eos_token_id=102, pad_token_id=0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=width,
+        intermediate_size=width * 2,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        bos_token_id=101,
+        eos_token_id=102,
+        pad_token_id=0,
+    )
     return _save(transformers.LlamaForCausalLM(cfg), dest)
 
 
 def bert(dest: Path, *, seed: int = 2) -> Path:
     torch.manual_seed(seed)
-    cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
-                                  num_attention_heads=4, intermediate_size=128,
-                                  max_position_embeddings=256)
+    cfg = transformers.BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=256,
+    )
     return _save(transformers.BertModel(cfg), dest)
 
 
 def roberta(dest: Path, *, seed: int = 3) -> Path:
     torch.manual_seed(seed)
-    cfg = transformers.RobertaConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
-                                     num_attention_heads=4, intermediate_size=128,
-                                     max_position_embeddings=258, pad_token_id=1)
+    cfg = transformers.RobertaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=258,
+        pad_token_id=1,
+    )
     return _save(transformers.RobertaModel(cfg), dest)
 
 

@@ -29,8 +29,12 @@ SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 _SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:")
-_STATES = {pb.ModelStatus.PENDING: "pending", pb.ModelStatus.LOADING: "loading",
-           pb.ModelStatus.READY: "ready", pb.ModelStatus.FAILED: "failed"}
+_STATES = {
+    pb.ModelStatus.PENDING: "pending",
+    pb.ModelStatus.LOADING: "loading",
+    pb.ModelStatus.READY: "ready",
+    pb.ModelStatus.FAILED: "failed",
+}
 
 F32 = npt.NDArray[np.float32]
 I32 = npt.NDArray[np.int32]
@@ -41,18 +45,24 @@ def normalize_target(target: str) -> str:
     return target if target.startswith(_SCHEMES) else f"dns:///{target}"
 
 
-def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                    extra: Sequence[tuple[str, Any]] = ()) -> list[tuple[str, Any]]:
-    return [("grpc.service_config", SERVICE_CONFIG),
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.enable_retries", 0),  # retries are ours, with our policy
-            *extra]
+def channel_options(
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, extra: Sequence[tuple[str, Any]] = ()
+) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.service_config", SERVICE_CONFIG),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.enable_retries", 0),  # retries are ours, with our policy
+        *extra,
+    ]
 
 
-def channel_credentials(root_certificates: bytes | None, private_key: bytes | None,
-                        certificate_chain: bytes | None,
-                        tls: bool) -> grpc.ChannelCredentials | None:
+def channel_credentials(
+    root_certificates: bytes | None,
+    private_key: bytes | None,
+    certificate_chain: bytes | None,
+    tls: bool,
+) -> grpc.ChannelCredentials | None:
     if not (tls or root_certificates or private_key or certificate_chain):
         return None
     return grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
@@ -77,8 +87,9 @@ class RetryPolicy:
 
     def backoff(self, retry: int, rng: random.Random) -> float:
         """Full jitter: uniform in [0, min(max_backoff, initial * multiplier**retry)]."""
-        return rng.uniform(0.0, min(self.max_backoff,
-                                    self.initial_backoff * self.multiplier ** retry))
+        return rng.uniform(
+            0.0, min(self.max_backoff, self.initial_backoff * self.multiplier**retry)
+        )
 
 
 @dataclass
@@ -95,9 +106,11 @@ class Attempts:
             return None
         left = self.deadline - now
         if left <= 0:
-            raise ModelCacheError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                  "deadline exceeded before the call could be (re)tried",
-                                  self.count)
+            raise ModelCacheError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                "deadline exceeded before the call could be (re)tried",
+                self.count,
+            )
         return left
 
     def delay_after(self, exc: grpc.RpcError, now: float) -> float:
@@ -168,22 +181,35 @@ def _texts(inputs: str | Sequence[str]) -> list[str]:
     return [inputs] if isinstance(inputs, str) else list(inputs)
 
 
-def embed_request(model: str, inputs: str | Sequence[str], normalize: bool | None,
-                  truncate: bool) -> pb.EmbedRequest:
+def embed_request(
+    model: str, inputs: str | Sequence[str], normalize: bool | None, truncate: bool
+) -> pb.EmbedRequest:
     req = pb.EmbedRequest(model=model, inputs=_texts(inputs), truncate=truncate)
     if normalize is not None:
         req.normalize = normalize
     return req
 
 
-def logprobs_request(model: str, inputs: str | Sequence[str] | None,
-                     token_ids: Sequence[Sequence[int]] | None, top_k: int, entropy: bool,
-                     expected_logprob: bool, rank: bool, truncate: bool) -> pb.LogProbsRequest:
+def logprobs_request(
+    model: str,
+    inputs: str | Sequence[str] | None,
+    token_ids: Sequence[Sequence[int]] | None,
+    top_k: int,
+    entropy: bool,
+    expected_logprob: bool,
+    rank: bool,
+    truncate: bool,
+) -> pb.LogProbsRequest:
     return pb.LogProbsRequest(
-        model=model, inputs=_texts(inputs) if inputs is not None else [],
+        model=model,
+        inputs=_texts(inputs) if inputs is not None else [],
         token_ids=[pb.TokenIds(ids=[int(i) for i in seq]) for seq in token_ids or []],
-        top_k=top_k, truncate=truncate, entropy=entropy, expected_logprob=expected_logprob,
-        rank=rank)
+        top_k=top_k,
+        truncate=truncate,
+        entropy=entropy,
+        expected_logprob=expected_logprob,
+        rank=rank,
+    )
 
 
 def _array(blob: bytes, dtype: str, count: int, what: str) -> Any:
@@ -196,8 +222,13 @@ def _array(blob: bytes, dtype: str, count: int, what: str) -> Any:
 def decode_embed(resp: pb.EmbedResponse) -> EmbedResult:
     rows, dims = resp.rows, resp.dims
     emb = _array(resp.embeddings, "<f4", rows * dims, "embeddings").reshape(rows, dims)
-    return EmbedResult(embeddings=emb, token_counts=np.asarray(resp.token_counts, np.uint32),
-                       model=resp.model, revision=resp.revision, fingerprint=resp.fingerprint)
+    return EmbedResult(
+        embeddings=emb,
+        token_counts=np.asarray(resp.token_counts, np.uint32),
+        model=resp.model,
+        revision=resp.revision,
+        fingerprint=resp.fingerprint,
+    )
 
 
 def decode_logprobs(resp: pb.LogProbsResponse, req: pb.LogProbsRequest) -> list[SequenceLogProbs]:
@@ -210,26 +241,51 @@ def decode_logprobs(resp: pb.LogProbsResponse, req: pb.LogProbsRequest) -> list[
         def opt(blob: bytes, dtype: str, on: bool, what: str, m: int = m) -> Any:
             return _array(blob, dtype, m, what) if on else None
 
-        out.append(SequenceLogProbs(
-            token_ids=_array(s.token_ids, "<i4", n, "token_ids"),
-            logprobs=_array(s.logprobs, "<f4", m, "logprobs"),
-            entropy=opt(s.entropy, "<f4", req.entropy, "entropy"),
-            expected_logprob=opt(s.expected_logprob, "<f4", req.expected_logprob,
-                                 "expected_logprob"),
-            logprob_variance=opt(s.logprob_variance, "<f4", req.expected_logprob,
-                                 "logprob_variance"),
-            rank=opt(s.rank, "<i4", req.rank, "rank"),
-            top_k_ids=_array(s.top_k_ids, "<i4", m * k, "top_k_ids").reshape(m, k) if k else None,
-            top_k_logprobs=(_array(s.top_k_logprobs, "<f4", m * k, "top_k_logprobs")
-                            .reshape(m, k) if k else None)))
+        out.append(
+            SequenceLogProbs(
+                token_ids=_array(s.token_ids, "<i4", n, "token_ids"),
+                logprobs=_array(s.logprobs, "<f4", m, "logprobs"),
+                entropy=opt(s.entropy, "<f4", req.entropy, "entropy"),
+                expected_logprob=opt(
+                    s.expected_logprob, "<f4", req.expected_logprob, "expected_logprob"
+                ),
+                logprob_variance=opt(
+                    s.logprob_variance, "<f4", req.expected_logprob, "logprob_variance"
+                ),
+                rank=opt(s.rank, "<i4", req.rank, "rank"),
+                top_k_ids=_array(s.top_k_ids, "<i4", m * k, "top_k_ids").reshape(m, k)
+                if k
+                else None,
+                top_k_logprobs=(
+                    _array(s.top_k_logprobs, "<f4", m * k, "top_k_logprobs").reshape(m, k)
+                    if k
+                    else None
+                ),
+            )
+        )
     return out
 
 
 def decode_models(resp: pb.ListModelsResponse) -> ModelList:
-    return ModelList(models=[ModelInfo(
-        name=m.name, state=_STATES.get(m.state, "unspecified"), error=m.error,
-        error_class=m.error_class, task=m.task, device=m.device, dtype=m.dtype,
-        source=m.source, revision=m.revision, fingerprint=m.fingerprint,
-        weight_bytes=m.weight_bytes, load_seconds=dict(m.load_seconds),
-        max_length=m.max_length, output_dims=m.output_dims) for m in resp.models],
-        versions=dict(resp.versions))
+    return ModelList(
+        models=[
+            ModelInfo(
+                name=m.name,
+                state=_STATES.get(m.state, "unspecified"),
+                error=m.error,
+                error_class=m.error_class,
+                task=m.task,
+                device=m.device,
+                dtype=m.dtype,
+                source=m.source,
+                revision=m.revision,
+                fingerprint=m.fingerprint,
+                weight_bytes=m.weight_bytes,
+                load_seconds=dict(m.load_seconds),
+                max_length=m.max_length,
+                output_dims=m.output_dims,
+            )
+            for m in resp.models
+        ],
+        versions=dict(resp.versions),
+    )

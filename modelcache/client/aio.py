@@ -44,20 +44,31 @@ _UNSET: Any = object()
 
 
 class AsyncModelCacheClient:
-    def __init__(self, target: str = "127.0.0.1:50051", *, timeout: float | None = 30.0,
-                 retry: RetryPolicy | None = None, tls: bool = False,
-                 root_certificates: bytes | None = None, private_key: bytes | None = None,
-                 certificate_chain: bytes | None = None,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 options: Sequence[tuple[str, Any]] = (), seed: int | None = None) -> None:
+    def __init__(
+        self,
+        target: str = "127.0.0.1:50051",
+        *,
+        timeout: float | None = 30.0,
+        retry: RetryPolicy | None = None,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        private_key: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        options: Sequence[tuple[str, Any]] = (),
+        seed: int | None = None,
+    ) -> None:
         self.target = normalize_target(target)
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
         self._rng = random.Random(seed)
         opts = channel_options(max_message_bytes, options)
         creds = channel_credentials(root_certificates, private_key, certificate_chain, tls)
-        self.channel = (grpc.aio.secure_channel(self.target, creds, opts) if creds
-                        else grpc.aio.insecure_channel(self.target, opts))
+        self.channel = (
+            grpc.aio.secure_channel(self.target, creds, opts)
+            if creds
+            else grpc.aio.insecure_channel(self.target, opts)
+        )
         self._stub = pb_grpc.ModelCacheStub(self.channel)  # type: ignore[no-untyped-call]
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
@@ -70,11 +81,11 @@ class AsyncModelCacheClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def _call(self, method: Callable[..., Any], request: Any,
-                    timeout: float | None) -> Any:
+    async def _call(self, method: Callable[..., Any], request: Any, timeout: float | None) -> Any:
         budget = self.timeout if timeout is _UNSET else timeout
-        attempts = Attempts(self.retry, None if budget is None else time.monotonic() + budget,
-                            self._rng)
+        attempts = Attempts(
+            self.retry, None if budget is None else time.monotonic() + budget, self._rng
+        )
         while True:
             left = attempts.remaining(time.monotonic())
             try:
@@ -82,42 +93,67 @@ class AsyncModelCacheClient:
             except grpc.RpcError as exc:
                 await asyncio.sleep(attempts.delay_after(exc, time.monotonic()))
 
-    async def embed(self, model: str, inputs: str | Sequence[str], *,
-                    normalize: bool | None = None, truncate: bool = True,
-                    timeout: float | None = _UNSET) -> F32:
+    async def embed(
+        self,
+        model: str,
+        inputs: str | Sequence[str],
+        *,
+        normalize: bool | None = None,
+        truncate: bool = True,
+        timeout: float | None = _UNSET,
+    ) -> F32:
         """Embeddings as a (len(inputs), dims) float32 array, in input order."""
-        result = await self.embed_result(model, inputs, normalize=normalize, truncate=truncate,
-                                         timeout=timeout)
+        result = await self.embed_result(
+            model, inputs, normalize=normalize, truncate=truncate, timeout=timeout
+        )
         return result.embeddings
 
-    async def embed_result(self, model: str, inputs: str | Sequence[str], *,
-                           normalize: bool | None = None, truncate: bool = True,
-                           timeout: float | None = _UNSET) -> EmbedResult:
+    async def embed_result(
+        self,
+        model: str,
+        inputs: str | Sequence[str],
+        *,
+        normalize: bool | None = None,
+        truncate: bool = True,
+        timeout: float | None = _UNSET,
+    ) -> EmbedResult:
         req = embed_request(model, inputs, normalize, truncate)
         return decode_embed(await self._call(self._stub.Embed, req, timeout))
 
-    async def logprobs(self, model: str, inputs: str | Sequence[str] | None = None, *,
-                       token_ids: Sequence[Sequence[int]] | None = None, top_k: int = 0,
-                       entropy: bool = False, expected_logprob: bool = False,
-                       rank: bool = False, truncate: bool = True,
-                       timeout: float | None = _UNSET) -> list[SequenceLogProbs]:
-        req = logprobs_request(model, inputs, token_ids, top_k, entropy, expected_logprob,
-                               rank, truncate)
+    async def logprobs(
+        self,
+        model: str,
+        inputs: str | Sequence[str] | None = None,
+        *,
+        token_ids: Sequence[Sequence[int]] | None = None,
+        top_k: int = 0,
+        entropy: bool = False,
+        expected_logprob: bool = False,
+        rank: bool = False,
+        truncate: bool = True,
+        timeout: float | None = _UNSET,
+    ) -> list[SequenceLogProbs]:
+        req = logprobs_request(
+            model, inputs, token_ids, top_k, entropy, expected_logprob, rank, truncate
+        )
         return decode_logprobs(await self._call(self._stub.LogProbs, req, timeout), req)
 
     async def list_models(self, *, timeout: float | None = _UNSET) -> ModelList:
-        return decode_models(await self._call(self._stub.ListModels, pb.ListModelsRequest(),
-                                               timeout))
+        return decode_models(
+            await self._call(self._stub.ListModels, pb.ListModelsRequest(), timeout)
+        )
 
     async def health(self, service: str = "", *, timeout: float | None = _UNSET) -> str:
-        resp = await self._call(self._health.Check,
-                                health_pb2.HealthCheckRequest(service=service), timeout)
+        resp = await self._call(
+            self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout
+        )
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status))
 
     async def wait_until_serving(self, service: str = "", *, timeout: float = 120.0) -> None:
         """Wait until the service is SERVING (waits for the server to come up, too)."""
-        call = self._health.Watch(health_pb2.HealthCheckRequest(service=service),
-                                  timeout=timeout, wait_for_ready=True)
+        call = self._health.Watch(
+            health_pb2.HealthCheckRequest(service=service), timeout=timeout, wait_for_ready=True
+        )
         try:
             async for resp in call:
                 if resp.status == health_pb2.HealthCheckResponse.SERVING:

@@ -43,20 +43,31 @@ _UNSET: Any = object()
 
 
 class ModelCacheClient:
-    def __init__(self, target: str = "127.0.0.1:50051", *, timeout: float | None = 30.0,
-                 retry: RetryPolicy | None = None, tls: bool = False,
-                 root_certificates: bytes | None = None, private_key: bytes | None = None,
-                 certificate_chain: bytes | None = None,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 options: Sequence[tuple[str, Any]] = (), seed: int | None = None) -> None:
+    def __init__(
+        self,
+        target: str = "127.0.0.1:50051",
+        *,
+        timeout: float | None = 30.0,
+        retry: RetryPolicy | None = None,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        private_key: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        options: Sequence[tuple[str, Any]] = (),
+        seed: int | None = None,
+    ) -> None:
         self.target = normalize_target(target)
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
         self._rng = random.Random(seed)
         opts = channel_options(max_message_bytes, options)
         creds = channel_credentials(root_certificates, private_key, certificate_chain, tls)
-        self.channel = (grpc.secure_channel(self.target, creds, opts) if creds
-                        else grpc.insecure_channel(self.target, opts))
+        self.channel = (
+            grpc.secure_channel(self.target, creds, opts)
+            if creds
+            else grpc.insecure_channel(self.target, opts)
+        )
         self._stub = pb_grpc.ModelCacheStub(self.channel)  # type: ignore[no-untyped-call]
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
@@ -71,8 +82,9 @@ class ModelCacheClient:
 
     def _call(self, method: Callable[..., R], request: Any, timeout: float | None) -> R:
         budget = self.timeout if timeout is _UNSET else timeout
-        attempts = Attempts(self.retry, None if budget is None else time.monotonic() + budget,
-                            self._rng)
+        attempts = Attempts(
+            self.retry, None if budget is None else time.monotonic() + budget, self._rng
+        )
         while True:
             left = attempts.remaining(time.monotonic())
             try:
@@ -80,26 +92,50 @@ class ModelCacheClient:
             except grpc.RpcError as exc:
                 time.sleep(attempts.delay_after(exc, time.monotonic()))
 
-    def embed(self, model: str, inputs: str | Sequence[str], *, normalize: bool | None = None,
-              truncate: bool = True, timeout: float | None = _UNSET) -> F32:
+    def embed(
+        self,
+        model: str,
+        inputs: str | Sequence[str],
+        *,
+        normalize: bool | None = None,
+        truncate: bool = True,
+        timeout: float | None = _UNSET,
+    ) -> F32:
         """Embeddings as a (len(inputs), dims) float32 array, in input order."""
-        return self.embed_result(model, inputs, normalize=normalize, truncate=truncate,
-                                 timeout=timeout).embeddings
+        return self.embed_result(
+            model, inputs, normalize=normalize, truncate=truncate, timeout=timeout
+        ).embeddings
 
-    def embed_result(self, model: str, inputs: str | Sequence[str], *,
-                     normalize: bool | None = None, truncate: bool = True,
-                     timeout: float | None = _UNSET) -> EmbedResult:
+    def embed_result(
+        self,
+        model: str,
+        inputs: str | Sequence[str],
+        *,
+        normalize: bool | None = None,
+        truncate: bool = True,
+        timeout: float | None = _UNSET,
+    ) -> EmbedResult:
         """Embeddings plus token counts, revision and fingerprint of the model."""
         req = embed_request(model, inputs, normalize, truncate)
         return decode_embed(self._call(self._stub.Embed, req, timeout))
 
-    def logprobs(self, model: str, inputs: str | Sequence[str] | None = None, *,
-                 token_ids: Sequence[Sequence[int]] | None = None, top_k: int = 0,
-                 entropy: bool = False, expected_logprob: bool = False, rank: bool = False,
-                 truncate: bool = True, timeout: float | None = _UNSET) -> list[SequenceLogProbs]:
+    def logprobs(
+        self,
+        model: str,
+        inputs: str | Sequence[str] | None = None,
+        *,
+        token_ids: Sequence[Sequence[int]] | None = None,
+        top_k: int = 0,
+        entropy: bool = False,
+        expected_logprob: bool = False,
+        rank: bool = False,
+        truncate: bool = True,
+        timeout: float | None = _UNSET,
+    ) -> list[SequenceLogProbs]:
         """Per-token log-probs (and the requested statistics) for each sequence."""
-        req = logprobs_request(model, inputs, token_ids, top_k, entropy, expected_logprob,
-                               rank, truncate)
+        req = logprobs_request(
+            model, inputs, token_ids, top_k, entropy, expected_logprob, rank, truncate
+        )
         return decode_logprobs(self._call(self._stub.LogProbs, req, timeout), req)
 
     def list_models(self, *, timeout: float | None = _UNSET) -> ModelList:
@@ -107,14 +143,16 @@ class ModelCacheClient:
 
     def health(self, service: str = "", *, timeout: float | None = _UNSET) -> str:
         """SERVING, NOT_SERVING or SERVICE_UNKNOWN for "" (every model) or a model name."""
-        resp = self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service),
-                          timeout)
+        resp = self._call(
+            self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout
+        )
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status))
 
     def wait_until_serving(self, service: str = "", *, timeout: float = 120.0) -> None:
         """Block until the service is SERVING (waits for the server to come up, too)."""
-        stream = self._health.Watch(health_pb2.HealthCheckRequest(service=service),
-                                    timeout=timeout, wait_for_ready=True)
+        stream = self._health.Watch(
+            health_pb2.HealthCheckRequest(service=service), timeout=timeout, wait_for_ready=True
+        )
         try:
             for resp in stream:
                 if resp.status == health_pb2.HealthCheckResponse.SERVING:

@@ -140,13 +140,19 @@ def select_batch(lengths: Sequence[int], max_tokens: int, max_rows: int) -> list
             lo -= 1
         else:
             hi, width = hi + 1, up
-    return order[lo: hi + 1]
+    return order[lo : hi + 1]
 
 
 class Batcher:
-    def __init__(self, name: str, method: str, compute: Compute, cfg: BatchingConfig,
-                 on_death: Callable[[], None] | None = None,
-                 stall_after: float = STALL_AFTER_S) -> None:
+    def __init__(
+        self,
+        name: str,
+        method: str,
+        compute: Compute,
+        cfg: BatchingConfig,
+        on_death: Callable[[], None] | None = None,
+        stall_after: float = STALL_AFTER_S,
+    ) -> None:
         self.name, self.method, self.cfg = name, method, cfg
         self.stall_after = stall_after
         self._batch_started = 0.0  # time.monotonic() of the running batch, 0 when idle
@@ -175,8 +181,13 @@ class Batcher:
 
     def healthy(self) -> bool:
         alive = self._thread is not None and self._thread.is_alive()
-        return alive and not self._died.is_set() and not self.failure \
-            and not self._stopping and not self.stalled()
+        return (
+            alive
+            and not self._died.is_set()
+            and not self.failure
+            and not self._stopping
+            and not self.stalled()
+        )
 
     def stalled(self) -> bool:
         """One batch has been running for more than ``stall_after`` seconds: a thread
@@ -224,8 +235,13 @@ class Batcher:
             if delta < 0:
                 self._cond.notify()
 
-    def submit(self, items: Sequence[Any], lengths: Sequence[int],
-               deadline: float | None = None, announced: bool = False) -> Job:
+    def submit(
+        self,
+        items: Sequence[Any],
+        lengths: Sequence[int],
+        deadline: float | None = None,
+        announced: bool = False,
+    ) -> Job:
         """Queue a request's sequences; raises at once when it cannot be accepted.
 
         The bound is ``max_queue`` sequences; a request that alone exceeds it is still
@@ -241,8 +257,10 @@ class Batcher:
             if self._stopping:
                 raise BatcherStopped(f"model {self.name} is shutting down")
             if not self.has_room(len(items)):
-                raise QueueFull(f"model {self.name}: queue full ({len(self._pending)} "
-                                f"sequences waiting, max_queue {self.cfg.max_queue})")
+                raise QueueFull(
+                    f"model {self.name}: queue full ({len(self._pending)} "
+                    f"sequences waiting, max_queue {self.cfg.max_queue})"
+                )
             self._pending += [_Seq(job, i, n) for i, n in enumerate(lengths)]
             self._depth.set(len(self._pending))
             self._cond.notify()
@@ -272,8 +290,10 @@ class Batcher:
         finally:
             running, self._running, self._batch_started = self._running, [], 0.0
             if running:
-                err = WorkerDied(f"the batch worker of model {self.name} died while computing "
-                                 f"this request ({self.last_death}); it is being restarted")
+                err = WorkerDied(
+                    f"the batch worker of model {self.name} died while computing "
+                    f"this request ({self.last_death}); it is being restarted"
+                )
                 for s in running:
                     s.job.fail(err)
             if not self._stopping:
@@ -292,15 +312,20 @@ class Batcher:
                 # Wait (at most max_wait) for requests that are being tokenized right now,
                 # unless the batch is already full.
                 until = self._pending[0].job.admitted + cfg.max_wait_ms / 1000.0
-                while (self._pending and not self._stopping and self._expected > 0
-                       and len(self._pending) < cfg.max_batch_size
-                       and sum(s.length for s in self._pending) < cfg.max_batch_tokens
-                       and (left := until - time.perf_counter()) > 0):
+                while (
+                    self._pending
+                    and not self._stopping
+                    and self._expected > 0
+                    and len(self._pending) < cfg.max_batch_size
+                    and sum(s.length for s in self._pending) < cfg.max_batch_tokens
+                    and (left := until - time.perf_counter()) > 0
+                ):
                     self._cond.wait(left)
                 self._drop_abandoned()
                 if self._pending and not self._stopping:
-                    picked = select_batch([s.length for s in self._pending],
-                                          cfg.max_batch_tokens, cfg.max_batch_size)
+                    picked = select_batch(
+                        [s.length for s in self._pending], cfg.max_batch_tokens, cfg.max_batch_size
+                    )
                     batch = [self._pending[i] for i in picked]
                     chosen = set(map(id, batch))
                     self._pending = [s for s in self._pending if id(s) not in chosen]
@@ -323,8 +348,9 @@ class Batcher:
     def _compute_all(self, batch: list[_Seq]) -> Sequence[Any]:
         outputs = self._compute([s.job.items[s.index] for s in batch])
         if len(outputs) != len(batch):
-            raise RuntimeError(f"compute returned {len(outputs)} results for "
-                               f"{len(batch)} sequences")
+            raise RuntimeError(
+                f"compute returned {len(outputs)} results for {len(batch)} sequences"
+            )
         return outputs
 
     def _execute(self, batch: list[_Seq]) -> None:
@@ -333,13 +359,18 @@ class Batcher:
             if not s.job.started:
                 s.job.started = True
                 REQUEST_DURATION.labels(self.name, self.method, "queue").observe(
-                    start - s.job.admitted)
+                    start - s.job.admitted
+                )
         try:
             outputs = self._compute_all(batch)
         except Exception as exc:
             jobs = list(dict.fromkeys(s.job for s in batch))
-            log.exception("model %s: batch of %d sequences from %d requests failed",
-                          self.name, len(batch), len(jobs))
+            log.exception(
+                "model %s: batch of %d sequences from %d requests failed",
+                self.name,
+                len(batch),
+                len(jobs),
+            )
             if len(jobs) == 1:
                 jobs[0].fail(ComputeFailed(f"{type(exc).__name__}: {exc}"))
                 return

@@ -94,16 +94,18 @@ def _fetch_hub(repo_id: str, revision: str, tmp: Path) -> None:
     from huggingface_hub import HfApi, snapshot_download
 
     info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
-    snapshot_download(repo_id, revision=revision, local_dir=str(tmp),
-                      allow_patterns=HUB_PATTERNS)
+    snapshot_download(repo_id, revision=revision, local_dir=str(tmp), allow_patterns=HUB_PATTERNS)
     shutil.rmtree(tmp / ".cache", ignore_errors=True)
     for sibling in info.siblings or []:
         path = tmp / sibling.rfilename
         if not path.is_file():
             continue  # filtered out by HUB_PATTERNS
         if sibling.size is not None and path.stat().st_size != sibling.size:
-            raise ModelLoadError("corrupt_weights", f"{sibling.rfilename}: size "
-                                 f"{path.stat().st_size} != {sibling.size} announced by the hub")
+            raise ModelLoadError(
+                "corrupt_weights",
+                f"{sibling.rfilename}: size "
+                f"{path.stat().st_size} != {sibling.size} announced by the hub",
+            )
         lfs = sibling.lfs
         if lfs is not None and sha256_file(path) != lfs.sha256:
             raise ModelLoadError("corrupt_weights", f"{sibling.rfilename}: sha256 mismatch")
@@ -116,8 +118,11 @@ def download(source: str, to: Path, revision: str | None = None) -> Path:
         dest = to / local.resolve().name
     else:
         if revision is None:
-            raise ModelLoadError("bad_config", f"{source!r} is not a local directory, so it is "
-                                               "a hub id and needs --revision <commit sha>")
+            raise ModelLoadError(
+                "bad_config",
+                f"{source!r} is not a local directory, so it is "
+                "a hub id and needs --revision <commit sha>",
+            )
         dest = hub_dir(to, source, revision)
     if dest.is_dir() and _existing_ok(dest):
         return dest

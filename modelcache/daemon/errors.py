@@ -9,16 +9,16 @@ class ModelLoadError(Exception):
 
     #: Failure classes, also the values of modelcache_model_loads_total{outcome}.
     CLASSES = (
-        "not_found",        # files missing where we looked
-        "bad_config",       # config.json unreadable / unknown architecture / wrong task
-        "remote_code",      # checkpoint needs trust_remote_code and it is not set
+        "not_found",  # files missing where we looked
+        "bad_config",  # config.json unreadable / unknown architecture / wrong task
+        "remote_code",  # checkpoint needs trust_remote_code and it is not set
         "corrupt_weights",  # unreadable, truncated or inconsistent safetensors
         "missing_weights",  # checkpoint keys missing (and not allowed)
         "unexpected_weights",
-        "meta_tensor",      # a parameter or buffer left on the meta device
-        "verify_failed",    # fingerprint or canary mismatch
+        "meta_tensor",  # a parameter or buffer left on the meta device
+        "verify_failed",  # fingerprint or canary mismatch
         "out_of_memory",
-        "device",           # device unavailable (e.g. cuda on a CPU node)
+        "device",  # device unavailable (e.g. cuda on a CPU node)
         "internal",
     )
 

@@ -29,10 +29,25 @@ from transformers.modeling_utils import PreTrainedModel
 #: Every load in this process holds this lock for its whole duration.
 LOAD_LOCK = threading.RLock()
 
-_PRETRAINED_METHODS = ("tie_weights", "init_weights", "_init_weights", "post_init",
-                       "_initialize_weights")
-_TORCH_FUNCTIONS = ("linspace", "arange", "empty", "zeros", "ones", "full", "rand", "randn",
-                    "normal", "tensor")
+_PRETRAINED_METHODS = (
+    "tie_weights",
+    "init_weights",
+    "_init_weights",
+    "post_init",
+    "_initialize_weights",
+)
+_TORCH_FUNCTIONS = (
+    "linspace",
+    "arange",
+    "empty",
+    "zeros",
+    "ones",
+    "full",
+    "rand",
+    "randn",
+    "normal",
+    "tensor",
+)
 
 
 @dataclass(frozen=True)
@@ -73,8 +88,11 @@ def check_and_restore() -> list[str]:
     """Restore every tracked global to its pristine value; return what had changed."""
     changed: list[str] = []
     for slot in _PRISTINE:
-        current = (slot.owner.__dict__.get(slot.attr) if isinstance(slot.owner, type)
-                   else getattr(slot.owner, slot.attr, None))
+        current = (
+            slot.owner.__dict__.get(slot.attr)
+            if isinstance(slot.owner, type)
+            else getattr(slot.owner, slot.attr, None)
+        )
         if current is not slot.value:
             changed.append(slot.label)
             setattr(slot.owner, slot.attr, slot.value)

@@ -49,8 +49,13 @@ RESTART_WINDOW_S = 60.0
 
 
 class HealthReporter:
-    def __init__(self, servicer: health.aio.HealthServicer, registry: ModelRegistry,
-                 served: Served, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        servicer: health.aio.HealthServicer,
+        registry: ModelRegistry,
+        served: Served,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
         self.servicer, self.registry, self.served, self.loop = servicer, registry, served, loop
         self.closed = False
 
@@ -95,8 +100,9 @@ def sample_device_memory(devices: set[str]) -> None:
         d = torch.device(dev)
         DEVICE_MEMORY_BYTES.labels(dev, "allocated").set(torch.cuda.memory_allocated(d))
         DEVICE_MEMORY_BYTES.labels(dev, "reserved").set(torch.cuda.memory_reserved(d))
-        DEVICE_MEMORY_BYTES.labels(dev, "total").set(torch.cuda.get_device_properties(d)
-                                                     .total_memory)
+        DEVICE_MEMORY_BYTES.labels(dev, "total").set(
+            torch.cuda.get_device_properties(d).total_memory
+        )
 
 
 def health_handler(servicer: health.aio.HealthServicer) -> grpc.GenericRpcHandler:
@@ -108,8 +114,10 @@ def health_handler(servicer: health.aio.HealthServicer) -> grpc.GenericRpcHandle
         try:
             return health_pb2.HealthCheckRequest.FromString(raw)
         except (DecodeError, ValueError) as exc:
-            await ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, "request is not a valid "
-                            f"grpc.health.v1.HealthCheckRequest: {exc}")
+            await ctx.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"request is not a valid grpc.health.v1.HealthCheckRequest: {exc}",
+            )
             raise AssertionError("unreachable: abort raises") from None
 
     async def check(raw: bytes, ctx: grpc.aio.ServicerContext[Any, Any]) -> Any:
@@ -119,10 +127,13 @@ def health_handler(servicer: health.aio.HealthServicer) -> grpc.GenericRpcHandle
         await servicer.Watch(await parse(raw, ctx), ctx)
 
     out = health_pb2.HealthCheckResponse.SerializeToString
-    return grpc.method_handlers_generic_handler(health.SERVICE_NAME, {
-        "Check": grpc.unary_unary_rpc_method_handler(check, response_serializer=out),
-        "Watch": grpc.unary_stream_rpc_method_handler(watch, response_serializer=out),
-    })
+    return grpc.method_handlers_generic_handler(
+        health.SERVICE_NAME,
+        {
+            "Check": grpc.unary_unary_rpc_method_handler(check, response_serializer=out),
+            "Watch": grpc.unary_stream_rpc_method_handler(watch, response_serializer=out),
+        },
+    )
 
 
 class Watchdog:
@@ -132,8 +143,7 @@ class Watchdog:
         self._deaths: dict[str, list[float]] = {}
         self._stalled: set[str] = set()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="modelcache-watchdog",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._run, name="modelcache-watchdog", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -164,8 +174,12 @@ class Watchdog:
         stalled = {name for name, s in served.items() if s.batcher.stalled()}
         if stalled != self._stalled:
             for name in stalled - self._stalled:
-                log.error("model %s: one batch has been running for over %.0fs; reporting "
-                          "NOT_SERVING until it returns", name, served[name].batcher.stall_after)
+                log.error(
+                    "model %s: one batch has been running for over %.0fs; reporting "
+                    "NOT_SERVING until it returns",
+                    name,
+                    served[name].batcher.stall_after,
+                )
             self._stalled = stalled
             self.reporter.refresh()
         for name, s in served.items():
@@ -185,7 +199,8 @@ class Watchdog:
         if len(deaths) > MAX_RESTARTS:
             served.batcher.fail_permanently(
                 f"its batch worker died {len(deaths)} times in {RESTART_WINDOW_S:.0f}s; "
-                f"last: {served.batcher.last_death}")
+                f"last: {served.batcher.last_death}"
+            )
             return False
         WORKER_RESTARTS.labels(model=name).inc()
         served.batcher.start()

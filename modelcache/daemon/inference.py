@@ -122,8 +122,9 @@ def split_by_length(lengths: Sequence[int], overhead: int) -> list[int]:
     return bounds[::-1]
 
 
-def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int,
-              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_batch(
+    seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded input ids and attention mask. Right padding keeps positions 0..n-1 for
     every real token; causal models never attend to the padding on their right."""
     width = max(len(s) for s in seqs)
@@ -146,8 +147,9 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
     return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1e-9)
 
 
-def token_statistics(logits: torch.Tensor, ids: torch.Tensor,
-                     options: LogProbsOptions) -> dict[str, torch.Tensor]:
+def token_statistics(
+    logits: torch.Tensor, ids: torch.Tensor, options: LogProbsOptions
+) -> dict[str, torch.Tensor]:
     """Statistics of next-token prediction, all [B, T-1] (top-k: [B, T-1, k]), on device.
 
     ``logits`` is [B, T, V]; position t predicts ``ids[:, t + 1]``.
@@ -172,8 +174,7 @@ def token_statistics(logits: torch.Tensor, ids: torch.Tensor,
             out["expected_logprob"] = mean
             # Centred (sum p (log p - E)^2), in place: E[(log p)^2] - E^2 cancels
             # catastrophically in float32 when the distribution is nearly flat.
-            out["logprob_variance"] = torch.linalg.vecdot(
-                p, lp.sub_(mean.unsqueeze(-1)).square_())
+            out["logprob_variance"] = torch.linalg.vecdot(p, lp.sub_(mean.unsqueeze(-1)).square_())
     return out
 
 
@@ -182,7 +183,8 @@ def _merge(items: Sequence[LogProbsItem]) -> LogProbsOptions:
         top_k=max(i.options.top_k for i in items),
         entropy=any(i.options.entropy for i in items),
         expected_logprob=any(i.options.expected_logprob for i in items),
-        rank=any(i.options.rank for i in items))
+        rank=any(i.options.rank for i in items),
+    )
 
 
 class ModelCompute:
@@ -209,20 +211,28 @@ class ModelCompute:
         # run with the other's setting (seen in the wire fuzz: 39 tokens returned past a
         # max_length of 24). One lock per model makes each call see its own setting.
         with self._tokenizer_lock:
-            enc = self.tokenizer(list(texts), add_special_tokens=True, truncation=truncate,
-                                 max_length=self.max_length if truncate else None,
-                                 return_attention_mask=False, return_token_type_ids=False,
-                                 verbose=False)
+            enc = self.tokenizer(
+                list(texts),
+                add_special_tokens=True,
+                truncation=truncate,
+                max_length=self.max_length if truncate else None,
+                return_attention_mask=False,
+                return_token_type_ids=False,
+                verbose=False,
+            )
         ids: list[list[int]] = enc["input_ids"]
         for i, seq in enumerate(ids):
             # A tokenizer without special tokens turns whitespace, control or combining
             # characters alone into nothing; a zero-length row cannot be run or pooled.
             if not seq:
-                raise InputError(f"inputs[{i}] has no tokens: the model's tokenizer produced "
-                                 "none for it")
+                raise InputError(
+                    f"inputs[{i}] has no tokens: the model's tokenizer produced none for it"
+                )
             if not truncate and len(seq) > self.max_length:
-                raise InputError(f"inputs[{i}] has {len(seq)} tokens, more than the model's "
-                                 f"max_length {self.max_length} (set truncate to cut it)")
+                raise InputError(
+                    f"inputs[{i}] has {len(seq)} tokens, more than the model's "
+                    f"max_length {self.max_length} (set truncate to cut it)"
+                )
         return ids
 
     def check_token_ids(self, seqs: Sequence[Sequence[int]], truncate: bool) -> list[list[int]]:
@@ -235,13 +245,17 @@ class ModelCompute:
             bad = np.flatnonzero((arr < 0) | (arr >= self.vocab_size))
             if bad.size:
                 j = int(bad[0])
-                raise InputError(f"token_ids[{i}][{j}] = {int(arr[j])} is outside the "
-                                 f"vocabulary [0, {self.vocab_size})")
+                raise InputError(
+                    f"token_ids[{i}][{j}] = {int(arr[j])} is outside the "
+                    f"vocabulary [0, {self.vocab_size})"
+                )
             if arr.size > self.max_length:
                 if not truncate:
-                    raise InputError(f"token_ids[{i}] has {arr.size} tokens, more than the "
-                                     f"model's max_length {self.max_length} (set truncate to "
-                                     "cut it)")
+                    raise InputError(
+                        f"token_ids[{i}] has {arr.size} tokens, more than the "
+                        f"model's max_length {self.max_length} (set truncate to "
+                        "cut it)"
+                    )
                 arr = arr[: self.max_length]
             out.append(arr.tolist())
         return out
@@ -280,8 +294,10 @@ class ModelCompute:
         while start < len(items):
             # Items are sorted by length, so the chunk's width is its last item's length.
             stop = start + 1
-            while (stop < len(items)
-                   and (stop + 1 - start) * len(items[stop].ids) * vocab <= LOGIT_CHUNK_ELEMENTS):
+            while (
+                stop < len(items)
+                and (stop + 1 - start) * len(items[stop].ids) * vocab <= LOGIT_CHUNK_ELEMENTS
+            ):
                 stop += 1
             results += self._logprobs_chunk(items[start:stop])
             start = stop
@@ -303,14 +319,16 @@ class ModelCompute:
                 return host[key][row, span] if on else None
 
             k = opts.top_k
-            results.append(SequenceStats(
-                token_ids=ids_host[row, :n],
-                logprobs=host["logprobs"][row, span],
-                entropy=take("entropy", opts.entropy),
-                expected_logprob=take("expected_logprob", opts.expected_logprob),
-                logprob_variance=take("logprob_variance", opts.expected_logprob),
-                rank=take("rank", opts.rank),
-                top_k_ids=host["top_k_ids"][row, span, :k] if k else None,
-                top_k_logprobs=host["top_k_logprobs"][row, span, :k] if k else None,
-            ))
+            results.append(
+                SequenceStats(
+                    token_ids=ids_host[row, :n],
+                    logprobs=host["logprobs"][row, span],
+                    entropy=take("entropy", opts.entropy),
+                    expected_logprob=take("expected_logprob", opts.expected_logprob),
+                    logprob_variance=take("logprob_variance", opts.expected_logprob),
+                    rank=take("rank", opts.rank),
+                    top_k_ids=host["top_k_ids"][row, span, :k] if k else None,
+                    top_k_logprobs=host["top_k_logprobs"][row, span, :k] if k else None,
+                )
+            )
         return results

@@ -80,20 +80,29 @@ def versions() -> dict[str, str]:
 
 def record_build_info() -> None:
     v = versions()
-    BUILD_INFO.labels(version=v["modelcache"], torch=v["torch"], transformers=v["transformers"],
-                      python=v["python"], cuda=v["cuda"]).set(1)
+    BUILD_INFO.labels(
+        version=v["modelcache"],
+        torch=v["torch"],
+        transformers=v["transformers"],
+        python=v["python"],
+        cuda=v["cuda"],
+    ).set(1)
 
 
 def _device(spec: ModelSpec) -> torch.device:
     device = torch.device(spec.device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ModelLoadError("device", f"device {spec.device} requested but CUDA is not "
-                                           "available on this node")
+            raise ModelLoadError(
+                "device", f"device {spec.device} requested but CUDA is not available on this node"
+            )
         index = device.index or 0
         if index >= torch.cuda.device_count():
-            raise ModelLoadError("device", f"device {spec.device} requested but this node has "
-                                           f"{torch.cuda.device_count()} GPU(s)")
+            raise ModelLoadError(
+                "device",
+                f"device {spec.device} requested but this node has "
+                f"{torch.cuda.device_count()} GPU(s)",
+            )
         device = torch.device("cuda", index)
     return device
 
@@ -113,7 +122,10 @@ def _check_globals(name: str) -> None:
         META_TENSOR_ERRORS.labels(model=name, kind="global_state").inc()
         log.warning(
             "model %s: process-global loader state was modified by someone else and has been "
-            "restored: %s", name, ", ".join(changed))
+            "restored: %s",
+            name,
+            ", ".join(changed),
+        )
 
 
 def _load(prepared: PreparedModel, stages: dict[str, float]) -> LoadedModel:
@@ -140,8 +152,10 @@ def _load(prepared: PreparedModel, stages: dict[str, float]) -> LoadedModel:
     verify.check_placement(model, spec.name, device, param_dtypes(model, dtype))
     verify.check_finite(model)
     live = model.state_dict()
-    digest = verify.fingerprint({c: live[m] for m, c in model_to_ckpt.items()},
-                                {c: files[c] for c in model_to_ckpt.values()})
+    digest = verify.fingerprint(
+        {c: live[m] for m, c in model_to_ckpt.items()},
+        {c: files[c] for c in model_to_ckpt.values()},
+    )
     stages["verify"], clock = time.perf_counter() - clock, time.perf_counter()
 
     canary = verify.canary(model, prepared.tokenizer, spec.task, device)
@@ -152,10 +166,20 @@ def _load(prepared: PreparedModel, stages: dict[str, float]) -> LoadedModel:
         dims = int(model.get_output_embeddings().weight.shape[0])
     else:
         dims = int(getattr(text_cfg, "hidden_size", 0) or 0)
-    return LoadedModel(spec=spec, model=model, tokenizer=prepared.tokenizer, device=device,
-                       dtype=dtype, fingerprint=digest, revision=prepared.revision,
-                       weight_bytes=_weight_bytes(model), output_dims=dims, path=prepared.path,
-                       canary=canary, stage_seconds=stages)
+    return LoadedModel(
+        spec=spec,
+        model=model,
+        tokenizer=prepared.tokenizer,
+        device=device,
+        dtype=dtype,
+        fingerprint=digest,
+        revision=prepared.revision,
+        weight_bytes=_weight_bytes(model),
+        output_dims=dims,
+        path=prepared.path,
+        canary=canary,
+        stage_seconds=stages,
+    )
 
 
 def count_failure(name: str, error_class: str) -> None:
@@ -184,11 +208,11 @@ def load_model(prepared: PreparedModel) -> LoadedModel:
     except Exception as exc:
         first = (str(exc).splitlines() or [""])[0]
         # torch's CPU allocator reports exhaustion as a plain RuntimeError.
-        if isinstance(exc, RuntimeError) and ("can't allocate memory" in str(exc)
-                                              or "out of memory" in str(exc)):
+        if isinstance(exc, RuntimeError) and (
+            "can't allocate memory" in str(exc) or "out of memory" in str(exc)
+        ):
             count_failure(name, "out_of_memory")
-            raise ModelLoadError("out_of_memory",
-                                 f"out of memory while loading: {first}") from None
+            raise ModelLoadError("out_of_memory", f"out of memory while loading: {first}") from None
         count_failure(name, "internal")
         raise ModelLoadError("internal", f"{type(exc).__name__}: {first}") from None
     stages["total"] = prepared.resolve_seconds + time.perf_counter() - started

@@ -45,7 +45,8 @@ def construct(prepared: PreparedModel) -> Any:
     """The model on the CPU in float32, parameters allocated but uninitialised."""
     with torch.device("cpu"), _default_dtype(torch.float32), hf_init.no_init_weights():
         return prepared.model_class._from_config(  # type: ignore[attr-defined]
-            prepared.config, dtype=torch.float32)
+            prepared.config, dtype=torch.float32
+        )
 
 
 def param_dtypes(model: Any, dtype: torch.dtype) -> dict[str, torch.dtype]:
@@ -88,7 +89,7 @@ def map_keys(ckpt_keys: list[str], model_keys: set[str], prefix: str) -> dict[st
     options = [layout(lambda k: k)]
     if prefix:
         p = prefix + "."
-        options.append(layout(lambda k: k[len(p):] if k.startswith(p) else k))
+        options.append(layout(lambda k: k[len(p) :] if k.startswith(p) else k))
         options.append(layout(lambda k: k if k.startswith(p) else p + k))
     return max(options, key=len)
 
@@ -100,20 +101,29 @@ def _matches(key: str, patterns: Any) -> bool:
 def _tie_hint(keys: list[str], config: Any) -> str:
     text_cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
     if any("lm_head" in k for k in keys) and not getattr(text_cfg, "tie_word_embeddings", True):
-        return (" — the config says tie_word_embeddings=false but the checkpoint has no "
-                "lm_head: it was saved tied. Set tie_word_embeddings accordingly")
+        return (
+            " — the config says tie_word_embeddings=false but the checkpoint has no "
+            "lm_head: it was saved tied. Set tie_word_embeddings accordingly"
+        )
     return ""
 
 
-def _check_keys(model: Any, prepared: PreparedModel, ckpt: dict[str, torch.Tensor],
-                mapping: dict[str, str]) -> None:
+def _check_keys(
+    model: Any, prepared: PreparedModel, ckpt: dict[str, torch.Tensor], mapping: dict[str, str]
+) -> None:
     spec = prepared.spec
     model_keys = set(model.state_dict(keep_vars=True))
     non_persistent = {n for n, _ in model.named_buffers()} - model_keys
     ignored = getattr(model, "_keys_to_ignore_on_load_unexpected", None)
-    unexpected = [k for k in ckpt if k not in mapping and not _matches(k, spec.allow_unexpected)
-                  and not _matches(k, ignored) and k not in non_persistent
-                  and k.split(".", 1)[-1] not in non_persistent]
+    unexpected = [
+        k
+        for k in ckpt
+        if k not in mapping
+        and not _matches(k, spec.allow_unexpected)
+        and not _matches(k, ignored)
+        and k not in non_persistent
+        and k.split(".", 1)[-1] not in non_persistent
+    ]
     if unexpected:
         raise ModelLoadError(
             "unexpected_weights",
@@ -124,8 +134,10 @@ def _check_keys(model: Any, prepared: PreparedModel, ckpt: dict[str, torch.Tenso
     seen: dict[str, str] = {}
     for ckey, mkey in mapping.items():
         if mkey in seen:
-            raise ModelLoadError("corrupt_weights", f"checkpoint keys {seen[mkey]!r} and "
-                                                    f"{ckey!r} both map to {mkey!r}")
+            raise ModelLoadError(
+                "corrupt_weights",
+                f"checkpoint keys {seen[mkey]!r} and {ckey!r} both map to {mkey!r}",
+            )
         seen[mkey] = ckey
 
 
@@ -148,8 +160,13 @@ def _release_shards(new_state: dict[str, torch.Tensor], ckpt: dict[str, torch.Te
                 new_state[k] = new_state[k].clone()
 
 
-def assign_weights(model: Any, prepared: PreparedModel, ckpt: dict[str, torch.Tensor],
-                   device: torch.device, dtype: torch.dtype) -> dict[str, str]:
+def assign_weights(
+    model: Any,
+    prepared: PreparedModel,
+    ckpt: dict[str, torch.Tensor],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> dict[str, str]:
     """Move the checkpoint into the model on ``device``; return model key -> checkpoint key."""
     state = model.state_dict(keep_vars=True)
     mapping = map_keys(list(ckpt), set(state), getattr(model, "base_model_prefix", "") or "")
@@ -179,8 +196,9 @@ def assign_weights(model: Any, prepared: PreparedModel, ckpt: dict[str, torch.Te
     return loaded
 
 
-def _place_the_rest(model: Any, loaded: dict[str, str], targets: dict[str, torch.dtype],
-                    device: torch.device) -> None:
+def _place_the_rest(
+    model: Any, loaded: dict[str, str], targets: dict[str, torch.dtype], device: torch.device
+) -> None:
     """Tensors not from the checkpoint: buffers move to the device keeping their dtype;
     parameters get fresh storage on the device (initialised later if allowed missing)."""
     for module in model.modules():

@@ -100,8 +100,12 @@ class ModelRegistry:
             except ModelLoadError as exc:
                 count_failure(spec.name, exc.error_class)
                 self._prepared[spec.name] = exc
-                self._set(spec.name, state=ModelState.FAILED, error=exc.message,
-                          error_class=exc.error_class)
+                self._set(
+                    spec.name,
+                    state=ModelState.FAILED,
+                    error=exc.message,
+                    error_class=exc.error_class,
+                )
 
     def add_listener(self, listener: Listener) -> None:
         """Called (from the loader thread) on every state change, e.g. to update health."""
@@ -161,8 +165,9 @@ class ModelRegistry:
         Models that already failed in ``prepare()`` are left FAILED (a caller asking for one
         by name retries it) so a broken model is reported once, not twice.
         """
-        return [self.load_async(n) for n in self.names()
-                if self.entry(n).state is not ModelState.FAILED]
+        return [
+            self.load_async(n) for n in self.names() if self.entry(n).state is not ModelState.FAILED
+        ]
 
     def load_all(self) -> list[ModelEntry]:
         """Load every model, wait, and return the final entries (failures included)."""
@@ -189,8 +194,13 @@ class ModelRegistry:
             result = self._load(name)
         except ModelLoadError as exc:
             log.error("model %s failed to load: %s", name, exc)
-            self._set(name, state=ModelState.FAILED, loaded=None, error=exc.message,
-                      error_class=exc.error_class)
+            self._set(
+                name,
+                state=ModelState.FAILED,
+                loaded=None,
+                error=exc.message,
+                error_class=exc.error_class,
+            )
             # Drop the traceback: its frames hold the half-built model and checkpoint,
             # which must be freed now (GPU memory for the retry), not at the next GC.
             result = exc.with_traceback(None)
@@ -198,8 +208,13 @@ class ModelRegistry:
             log.exception("model %s: unexpected loader error", name)
             count_failure(name, "internal")
             result = ModelLoadError("internal", f"{type(exc).__name__}: {exc}")
-            self._set(name, state=ModelState.FAILED, loaded=None, error=result.message,
-                      error_class=result.error_class)
+            self._set(
+                name,
+                state=ModelState.FAILED,
+                loaded=None,
+                error=result.message,
+                error_class=result.error_class,
+            )
         with self._lock:
             self._inflight.pop(name, None)
             self._running.discard(name)
@@ -227,10 +242,15 @@ class ModelRegistry:
         self.load_count[name] += 1
         started = time.perf_counter()
         loaded = load_model(prepared)
-        log.info("model %s ready in %.2fs (fingerprint %s)", name,
-                 time.perf_counter() - started, loaded.fingerprint[:16])
-        self._set(name, state=ModelState.READY, loaded=loaded,
-                  stage_seconds=dict(loaded.stage_seconds))
+        log.info(
+            "model %s ready in %.2fs (fingerprint %s)",
+            name,
+            time.perf_counter() - started,
+            loaded.fingerprint[:16],
+        )
+        self._set(
+            name, state=ModelState.READY, loaded=loaded, stage_seconds=dict(loaded.stage_seconds)
+        )
         return loaded
 
     def _set(self, name: str, **changes: object) -> None:

@@ -70,10 +70,16 @@ def model_dir(spec: ModelSpec, config: DaemonConfig) -> Path:
                 f"{real_root}; sources must stay inside model_root",
             )
     if not path.is_dir():
-        hint = (f"; fetch it with: modelcache download {spec.source} --revision "
-                f"{spec.revision} --to {root or DEFAULT_MODEL_ROOT}" if spec.is_hub_id else "")
-        raise ModelLoadError("not_found", f"model directory {path} does not exist (looked for "
-                                          f"source {spec.source!r}){hint}")
+        hint = (
+            f"; fetch it with: modelcache download {spec.source} --revision "
+            f"{spec.revision} --to {root or DEFAULT_MODEL_ROOT}"
+            if spec.is_hub_id
+            else ""
+        )
+        raise ModelLoadError(
+            "not_found",
+            f"model directory {path} does not exist (looked for source {spec.source!r}){hint}",
+        )
     return path
 
 
@@ -116,8 +122,9 @@ def _model_class(spec: ModelSpec, hf_config: Any, path: Path) -> type:
         if name in auto_map:
             from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
-            cls: type = get_class_from_dynamic_module(auto_map[name], str(path),
-                                                      local_files_only=True)
+            cls: type = get_class_from_dynamic_module(
+                auto_map[name], str(path), local_files_only=True
+            )
             return cls
     mapping = _AUTO_CLASSES[spec.task]._model_mapping  # type: ignore[attr-defined]
     try:
@@ -148,6 +155,13 @@ def prepare_model(spec: ModelSpec, config: DaemonConfig) -> PreparedModel:
         raise ModelLoadError("bad_config", f"{path}: cannot load the tokenizer ({exc})") from None
     shards = [read_header(p) for p in find_shards(path)]
     revision = spec.revision or _local_revision(path, shards)
-    return PreparedModel(spec=spec, path=path, config=hf_config, model_class=model_class,
-                         tokenizer=tokenizer, shards=shards, revision=revision,
-                         resolve_seconds=time.perf_counter() - started)
+    return PreparedModel(
+        spec=spec,
+        path=path,
+        config=hf_config,
+        model_class=model_class,
+        tokenizer=tokenizer,
+        shards=shards,
+        revision=revision,
+        resolve_seconds=time.perf_counter() - started,
+    )

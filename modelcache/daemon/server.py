@@ -60,14 +60,17 @@ def server_credentials(settings: DaemonSettings) -> grpc.ServerCredentials | Non
     ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
     return grpc.ssl_server_credentials(
         [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
-        root_certificates=ca, require_client_auth=ca is not None)
+        root_certificates=ca,
+        require_client_auth=ca is not None,
+    )
 
 
 class DaemonServer:
     """One gRPC server over a prepared registry. ``start``/``stop`` run on its event loop."""
 
-    def __init__(self, config: DaemonConfig, settings: DaemonSettings,
-                 registry: ModelRegistry) -> None:
+    def __init__(
+        self, config: DaemonConfig, settings: DaemonSettings, registry: ModelRegistry
+    ) -> None:
         self.config, self.settings, self.registry = config, settings, registry
         self.port = 0
         self.metrics_port = 0
@@ -79,8 +82,9 @@ class DaemonServer:
         self.executor = ThreadPoolExecutor(s.grpc_threads, thread_name_prefix="modelcache-admit")
         self.servicer = ModelCacheServicer(self.registry, self.config.batching, self.executor)
         self.health = health.aio.HealthServicer()
-        self.reporter = HealthReporter(self.health, self.registry, self.servicer.served,
-                                       asyncio.get_running_loop())
+        self.reporter = HealthReporter(
+            self.health, self.registry, self.servicer.served, asyncio.get_running_loop()
+        )
         self.watchdog = Watchdog(self.servicer.served, self.reporter, s.watchdog_interval)
         self.registry.add_listener(self._on_state)
         for entry in self.registry.entries():
@@ -89,18 +93,26 @@ class DaemonServer:
         await self.reporter.publish()
 
         limit = s.grpc_max_message_bytes
-        self.server = grpc.aio.server(options=[
-            ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
-            ("grpc.so_reuseport", 0)])
+        self.server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
         self.server.add_generic_rpc_handlers((self.servicer.handler(),))
         self.server.add_generic_rpc_handlers((health_handler(self.health),))
         reflection.enable_server_reflection(
-            (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+            (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
         address = _address(s.host, s.port)
         creds = server_credentials(s)
         try:
-            self.port = (self.server.add_secure_port(address, creds) if creds
-                         else self.server.add_insecure_port(address))
+            self.port = (
+                self.server.add_secure_port(address, creds)
+                if creds
+                else self.server.add_insecure_port(address)
+            )
         except RuntimeError as exc:
             raise OSError(f"cannot listen on {address}: {exc}") from None
         await self.server.start()
@@ -109,12 +121,13 @@ class DaemonServer:
         return self.port
 
     def start_metrics(self) -> int:
-        self._metrics, _ = start_http_server(self.settings.metrics_port,
-                                             addr=self.settings.metrics_host,
-                                             registry=DAEMON_REGISTRY)
+        self._metrics, _ = start_http_server(
+            self.settings.metrics_port, addr=self.settings.metrics_host, registry=DAEMON_REGISTRY
+        )
         self.metrics_port = int(self._metrics.server_port)
-        log.info("metrics on http://%s/metrics",
-                 _address(self.settings.metrics_host, self.metrics_port))
+        log.info(
+            "metrics on http://%s/metrics", _address(self.settings.metrics_host, self.metrics_port)
+        )
         return self.metrics_port
 
     async def stop(self, grace: float = GRACE_S) -> None:
@@ -142,8 +155,9 @@ class DaemonServer:
             if loaded is not None and name not in self.servicer.served():
                 compute = ModelCompute(loaded)
                 method = "Embed" if loaded.spec.task == "embedding" else "LogProbs"
-                batcher = Batcher(name, method, compute.run, self.config.batching,
-                                  on_death=self.watchdog.wake)
+                batcher = Batcher(
+                    name, method, compute.run, self.config.batching, on_death=self.watchdog.wake
+                )
                 batcher.start()
                 self.servicer.attach(name, ServedModel(compute, batcher))
         elif (old := self.servicer.detach(name)) is not None:
@@ -183,8 +197,7 @@ async def _run(server: DaemonServer) -> None:
     await server.start()
     server.start_metrics()
     server.registry.add_listener(_freeze_when_ready)
-    release = asyncio.ensure_future(_release_loader(server.registry,
-                                                    server.registry.start_all()))
+    release = asyncio.ensure_future(_release_loader(server.registry, server.registry.start_all()))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -61,12 +61,19 @@ SERVICE = "modelcache.v1.ModelCache"
 M = TypeVar("M", bound=Message)
 
 _BATCH_CODES: dict[type[b.BatchError], Code] = {
-    b.QueueFull: Code.RESOURCE_EXHAUSTED, b.ComputeFailed: Code.INTERNAL,
-    b.WorkerDied: Code.INTERNAL, b.BatcherFailed: Code.FAILED_PRECONDITION,
-    b.BatcherStopped: Code.UNAVAILABLE, b.DeadlineExpired: Code.DEADLINE_EXCEEDED,
+    b.QueueFull: Code.RESOURCE_EXHAUSTED,
+    b.ComputeFailed: Code.INTERNAL,
+    b.WorkerDied: Code.INTERNAL,
+    b.BatcherFailed: Code.FAILED_PRECONDITION,
+    b.BatcherStopped: Code.UNAVAILABLE,
+    b.DeadlineExpired: Code.DEADLINE_EXCEEDED,
 }
-_STATES = {ModelState.PENDING: pb.ModelStatus.PENDING, ModelState.LOADING: pb.ModelStatus.LOADING,
-           ModelState.READY: pb.ModelStatus.READY, ModelState.FAILED: pb.ModelStatus.FAILED}
+_STATES = {
+    ModelState.PENDING: pb.ModelStatus.PENDING,
+    ModelState.LOADING: pb.ModelStatus.LOADING,
+    ModelState.READY: pb.ModelStatus.READY,
+    ModelState.FAILED: pb.ModelStatus.FAILED,
+}
 
 
 def clip(message: str, limit: int = 2048) -> str:
@@ -98,7 +105,8 @@ class _Call:
         REQUESTS.labels(self.model, method, code.name).inc()
         if self.model:
             REQUEST_DURATION.labels(self.model, method, "total").observe(
-                time.perf_counter() - self.started)
+                time.perf_counter() - self.started
+            )
 
 
 @dataclass(frozen=True)
@@ -131,13 +139,17 @@ class ModelCacheServicer:
     def handler(self) -> grpc.GenericRpcHandler:
         def unary(fn: Callable[..., Any], resp: type[Message]) -> grpc.RpcMethodHandler:
             return grpc.unary_unary_rpc_method_handler(
-                fn, request_deserializer=None, response_serializer=resp.SerializeToString)
+                fn, request_deserializer=None, response_serializer=resp.SerializeToString
+            )
 
-        return grpc.method_handlers_generic_handler(SERVICE, {
-            "Embed": unary(self.Embed, pb.EmbedResponse),
-            "LogProbs": unary(self.LogProbs, pb.LogProbsResponse),
-            "ListModels": unary(self.ListModels, pb.ListModelsResponse),
-        })
+        return grpc.method_handlers_generic_handler(
+            SERVICE,
+            {
+                "Embed": unary(self.Embed, pb.EmbedResponse),
+                "LogProbs": unary(self.LogProbs, pb.LogProbsResponse),
+                "ListModels": unary(self.ListModels, pb.ListModelsResponse),
+            },
+        )
 
     # -- RPCs ------------------------------------------------------------------------
     async def Embed(self, raw: bytes, ctx: grpc.aio.ServicerContext[Any, Any]) -> Message:
@@ -149,16 +161,23 @@ class ModelCacheServicer:
     async def ListModels(self, raw: bytes, ctx: grpc.aio.ServicerContext[Any, Any]) -> Message:
         return await self._call("ListModels", pb.ListModelsRequest, raw, ctx, self._list)
 
-    async def _call(self, method: str, kind: type[M], raw: bytes,
-                    ctx: grpc.aio.ServicerContext[Any, Any],
-                    impl: Callable[[M, _Call], Awaitable[Message]]) -> Message:
+    async def _call(
+        self,
+        method: str,
+        kind: type[M],
+        raw: bytes,
+        ctx: grpc.aio.ServicerContext[Any, Any],
+        impl: Callable[[M, _Call], Awaitable[Message]],
+    ) -> Message:
         call = _Call(started=time.perf_counter())
         try:
             try:
                 request = kind.FromString(raw)
             except (DecodeError, ValueError) as exc:
-                raise ServingError(Code.INVALID_ARGUMENT, f"request is not a valid "
-                                   f"{kind.DESCRIPTOR.full_name}: {exc}") from None
+                raise ServingError(
+                    Code.INVALID_ARGUMENT,
+                    f"request is not a valid {kind.DESCRIPTOR.full_name}: {exc}",
+                ) from None
             if (remaining := ctx.time_remaining()) is not None:
                 call.deadline = time.monotonic() + remaining
             response = await impl(request, call)
@@ -166,8 +185,9 @@ class ModelCacheServicer:
             error = exc
         except asyncio.CancelledError:  # the client cancelled, or its deadline passed
             left = ctx.time_remaining()
-            call.record(method, Code.DEADLINE_EXCEEDED if left is not None and left <= 0
-                        else Code.CANCELLED)
+            call.record(
+                method, Code.DEADLINE_EXCEEDED if left is not None and left <= 0 else Code.CANCELLED
+            )
             raise
         except Exception as exc:
             log.exception("%s failed", method)
@@ -188,46 +208,60 @@ class ModelCacheServicer:
         except KeyError:
             names = ", ".join(self.registry.names())
             shown = repr(name) if len(name) <= 100 else f"{name[:100]!r}... ({len(name)} chars)"
-            raise ServingError(Code.NOT_FOUND, f"model {shown} is not configured "
-                               f"(configured: {names})") from None
+            raise ServingError(
+                Code.NOT_FOUND, f"model {shown} is not configured (configured: {names})"
+            ) from None
         call.model = name
         if entry.spec.task != task:
             other = "LogProbs" if entry.spec.task == "causal-lm" else "Embed"
             article = "an" if task[0] in "aeiou" else "a"
-            raise ServingError(Code.FAILED_PRECONDITION, f"model {name!r} is a "
-                               f"{entry.spec.task} model; {method} needs {article} {task} "
-                               f"model (use {other})")
+            raise ServingError(
+                Code.FAILED_PRECONDITION,
+                f"model {name!r} is a "
+                f"{entry.spec.task} model; {method} needs {article} {task} "
+                f"model (use {other})",
+            )
         return entry
 
     def _texts(self, texts: Sequence[str], field: str) -> None:
         if len(texts) > self.cfg.max_inputs_per_request:
-            raise ServingError(Code.INVALID_ARGUMENT, f"{len(texts)} {field}; at most "
-                               f"{self.cfg.max_inputs_per_request} per request")
+            raise ServingError(
+                Code.INVALID_ARGUMENT,
+                f"{len(texts)} {field}; at most {self.cfg.max_inputs_per_request} per request",
+            )
         for i, t in enumerate(texts):
             if not t:
                 raise ServingError(Code.INVALID_ARGUMENT, f"{field}[{i}] is empty")
             if len(t) > self.cfg.max_input_chars:
-                raise ServingError(Code.INVALID_ARGUMENT, f"{field}[{i}] has {len(t)} "
-                                   f"characters; at most {self.cfg.max_input_chars}")
+                raise ServingError(
+                    Code.INVALID_ARGUMENT,
+                    f"{field}[{i}] has {len(t)} characters; at most {self.cfg.max_input_chars}",
+                )
 
     def _ready(self, entry: ModelEntry, n: int) -> ServedModel:
         name = entry.spec.name
         served = self.served().get(name)
         if entry.state is ModelState.FAILED:
-            raise ServingError(Code.FAILED_PRECONDITION, f"model {name!r} failed to load "
-                               f"({entry.error_class}): {entry.error}")
+            raise ServingError(
+                Code.FAILED_PRECONDITION,
+                f"model {name!r} failed to load ({entry.error_class}): {entry.error}",
+            )
         if served is None or entry.state is not ModelState.READY:
-            raise ServingError(Code.UNAVAILABLE, f"model {name!r} is not ready yet (state "
-                               f"{entry.state.value}); retry later")
+            raise ServingError(
+                Code.UNAVAILABLE,
+                f"model {name!r} is not ready yet (state {entry.state.value}); retry later",
+            )
         if served.batcher.failure:
-            raise ServingError(Code.FAILED_PRECONDITION, f"model {name!r} failed: "
-                               f"{served.batcher.failure}")
+            raise ServingError(
+                Code.FAILED_PRECONDITION, f"model {name!r} failed: {served.batcher.failure}"
+            )
         if not served.batcher.has_room(n):
             raise ServingError(Code.RESOURCE_EXHAUSTED, f"model {name!r}: queue full")
         return served
 
-    async def _compute(self, served: ServedModel, prepare: Callable[[], list[Any]],
-                       call: _Call) -> tuple[list[Any], list[Any]]:
+    async def _compute(
+        self, served: ServedModel, prepare: Callable[[], list[Any]], call: _Call
+    ) -> tuple[list[Any], list[Any]]:
         """Tokenize/check on the executor (the batcher knows a request is on its way, so a
         batch being formed can wait for it), then queue its sequences and await them."""
         batcher = served.batcher
@@ -241,8 +275,7 @@ class ModelCacheServicer:
             batcher.expect(-1)
             raise
         try:
-            job = batcher.submit(items, [len(i.ids) for i in items], call.deadline,
-                                 announced=True)
+            job = batcher.submit(items, [len(i.ids) for i in items], call.deadline, announced=True)
         except b.BatchError as exc:
             raise ServingError(_BATCH_CODES[type(exc)], str(exc)) from None
         try:
@@ -270,34 +303,51 @@ class ModelCacheServicer:
         items, rows = await self._compute(served, prepare, call)
         matrix = np.stack(rows).astype("<f4", copy=False)
         lm = compute.loaded
-        return pb.EmbedResponse(model=req.model, embeddings=matrix.tobytes(),
-                                rows=matrix.shape[0], dims=matrix.shape[1],
-                                token_counts=[len(i.ids) for i in items], revision=lm.revision,
-                                fingerprint=lm.fingerprint)
+        return pb.EmbedResponse(
+            model=req.model,
+            embeddings=matrix.tobytes(),
+            rows=matrix.shape[0],
+            dims=matrix.shape[1],
+            token_counts=[len(i.ids) for i in items],
+            revision=lm.revision,
+            fingerprint=lm.fingerprint,
+        )
 
     # -- LogProbs --------------------------------------------------------------------
     async def _logprobs(self, req: pb.LogProbsRequest, call: _Call) -> pb.LogProbsResponse:
         entry = self._entry(req.model, "causal-lm", "LogProbs", call)
         if bool(req.inputs) == bool(req.token_ids):
             which = "both" if req.inputs else "neither"
-            raise ServingError(Code.INVALID_ARGUMENT, f"exactly one of inputs and token_ids "
-                               f"must be set ({which} is)")
+            raise ServingError(
+                Code.INVALID_ARGUMENT,
+                f"exactly one of inputs and token_ids must be set ({which} is)",
+            )
         if req.top_k > MAX_TOP_K:
-            raise ServingError(Code.INVALID_ARGUMENT, f"top_k {req.top_k} is out of range "
-                               f"0..{MAX_TOP_K}")
+            raise ServingError(
+                Code.INVALID_ARGUMENT, f"top_k {req.top_k} is out of range 0..{MAX_TOP_K}"
+            )
         if req.inputs:
             self._texts(req.inputs, "inputs")
         elif len(req.token_ids) > self.cfg.max_inputs_per_request:
-            raise ServingError(Code.INVALID_ARGUMENT, f"{len(req.token_ids)} token_ids; at most "
-                               f"{self.cfg.max_inputs_per_request} per request")
+            raise ServingError(
+                Code.INVALID_ARGUMENT,
+                f"{len(req.token_ids)} token_ids; at most "
+                f"{self.cfg.max_inputs_per_request} per request",
+            )
         count = len(req.inputs) or len(req.token_ids)
         served = self._ready(entry, count)
         compute = served.compute
         if req.top_k > compute.vocab_size:
-            raise ServingError(Code.INVALID_ARGUMENT, f"top_k {req.top_k} is larger than the "
-                               f"vocabulary ({compute.vocab_size})")
-        opts = LogProbsOptions(top_k=req.top_k, entropy=req.entropy,
-                               expected_logprob=req.expected_logprob, rank=req.rank)
+            raise ServingError(
+                Code.INVALID_ARGUMENT,
+                f"top_k {req.top_k} is larger than the vocabulary ({compute.vocab_size})",
+            )
+        opts = LogProbsOptions(
+            top_k=req.top_k,
+            entropy=req.entropy,
+            expected_logprob=req.expected_logprob,
+            rank=req.rank,
+        )
 
         def prepare() -> list[LogProbsItem]:
             if req.inputs:
@@ -311,15 +361,28 @@ class ModelCacheServicer:
         def blob(a: np.ndarray[Any, Any] | None, dtype: str) -> bytes:
             return b"" if a is None else np.ascontiguousarray(a, dtype=dtype).tobytes()
 
-        seqs = [pb.SequenceLogProbs(
-            token_ids=blob(s.token_ids, "<i4"), logprobs=blob(s.logprobs, "<f4"),
-            entropy=blob(s.entropy, "<f4"), expected_logprob=blob(s.expected_logprob, "<f4"),
-            logprob_variance=blob(s.logprob_variance, "<f4"), rank=blob(s.rank, "<i4"),
-            top_k_ids=blob(s.top_k_ids, "<i4"), top_k_logprobs=blob(s.top_k_logprobs, "<f4"),
-            num_tokens=len(s.token_ids)) for s in stats]
+        seqs = [
+            pb.SequenceLogProbs(
+                token_ids=blob(s.token_ids, "<i4"),
+                logprobs=blob(s.logprobs, "<f4"),
+                entropy=blob(s.entropy, "<f4"),
+                expected_logprob=blob(s.expected_logprob, "<f4"),
+                logprob_variance=blob(s.logprob_variance, "<f4"),
+                rank=blob(s.rank, "<i4"),
+                top_k_ids=blob(s.top_k_ids, "<i4"),
+                top_k_logprobs=blob(s.top_k_logprobs, "<f4"),
+                num_tokens=len(s.token_ids),
+            )
+            for s in stats
+        ]
         lm = compute.loaded
-        return pb.LogProbsResponse(model=req.model, sequences=seqs, top_k=req.top_k,
-                                   revision=lm.revision, fingerprint=lm.fingerprint)
+        return pb.LogProbsResponse(
+            model=req.model,
+            sequences=seqs,
+            top_k=req.top_k,
+            revision=lm.revision,
+            fingerprint=lm.fingerprint,
+        )
 
     # -- ListModels ------------------------------------------------------------------
     async def _list(self, req: pb.ListModelsRequest, call: _Call) -> pb.ListModelsResponse:
@@ -331,13 +394,22 @@ class ModelCacheServicer:
             s = served.get(spec.name)
             if s is not None and s.batcher.failure:
                 state, error, error_class = pb.ModelStatus.FAILED, s.batcher.failure, "worker"
-            models.append(pb.ModelStatus(
-                name=spec.name, state=state, error=error, error_class=error_class,
-                task=spec.task, device=str(lm.device) if lm else spec.device,
-                dtype=spec.dtype, source=spec.source,
-                revision=lm.revision if lm else (spec.revision or ""),
-                fingerprint=lm.fingerprint if lm else "",
-                weight_bytes=lm.weight_bytes if lm else 0, load_seconds=e.stage_seconds,
-                max_length=s.compute.max_length if s else spec.max_length,
-                output_dims=lm.output_dims if lm else 0))
+            models.append(
+                pb.ModelStatus(
+                    name=spec.name,
+                    state=state,
+                    error=error,
+                    error_class=error_class,
+                    task=spec.task,
+                    device=str(lm.device) if lm else spec.device,
+                    dtype=spec.dtype,
+                    source=spec.source,
+                    revision=lm.revision if lm else (spec.revision or ""),
+                    fingerprint=lm.fingerprint if lm else "",
+                    weight_bytes=lm.weight_bytes if lm else 0,
+                    load_seconds=e.stage_seconds,
+                    max_length=s.compute.max_length if s else spec.max_length,
+                    output_dims=lm.output_dims if lm else 0,
+                )
+            )
         return pb.ListModelsResponse(models=models, versions=versions())

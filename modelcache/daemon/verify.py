@@ -27,8 +27,12 @@ def _names(items: list[str], limit: int = 8) -> str:
     return ", ".join(items[:limit]) + more
 
 
-def check_placement(model: torch.nn.Module, name: str, device: torch.device,
-                    dtypes: Mapping[str, torch.dtype] | torch.dtype) -> None:
+def check_placement(
+    model: torch.nn.Module,
+    name: str,
+    device: torch.device,
+    dtypes: Mapping[str, torch.dtype] | torch.dtype,
+) -> None:
     """Every parameter and every buffer (persistent or not) is real, on the device, and
     floating-point ones have the requested dtype.
 
@@ -50,23 +54,32 @@ def check_placement(model: torch.nn.Module, name: str, device: torch.device,
         )
     tensors: list[tuple[str, torch.Tensor]] = list(model.named_parameters(remove_duplicate=False))
     tensors += list(model.named_buffers(remove_duplicate=False))
-    wrong_device = [n for n, t in tensors if t.device.type != device.type
-                    or (device.index is not None and t.device.index != device.index)]
+    wrong_device = [
+        n
+        for n, t in tensors
+        if t.device.type != device.type
+        or (device.index is not None and t.device.index != device.index)
+    ]
     if wrong_device:
         raise ModelLoadError("verify_failed", f"tensors not on {device}: {_names(wrong_device)}")
+
     def expected(n: str) -> torch.dtype:
         return dtypes if isinstance(dtypes, torch.dtype) else dtypes.get(n, torch.float32)
 
-    wrong_dtype = [f"{n} ({p.dtype}, expected {expected(n)})"
-                   for n, p in model.named_parameters() if p.is_floating_point()
-                   and p.dtype != expected(n)]
+    wrong_dtype = [
+        f"{n} ({p.dtype}, expected {expected(n)})"
+        for n, p in model.named_parameters()
+        if p.is_floating_point() and p.dtype != expected(n)
+    ]
     if wrong_dtype:
-        raise ModelLoadError("verify_failed", f"parameters in the wrong dtype: "
-                                              f"{_names(wrong_dtype)}")
+        raise ModelLoadError(
+            "verify_failed", f"parameters in the wrong dtype: {_names(wrong_dtype)}"
+        )
 
 
-def fingerprint(live: Mapping[str, torch.Tensor],
-                files: Mapping[str, tuple[TensorInfo, Path]]) -> str:
+def fingerprint(
+    live: Mapping[str, torch.Tensor], files: Mapping[str, tuple[TensorInfo, Path]]
+) -> str:
     """Hash a deterministic sample of every checkpoint tensor, after checking that the
     live model holds exactly what the file holds at those positions.
 
@@ -82,11 +95,15 @@ def fingerprint(live: Mapping[str, torch.Tensor],
         from_file = read_samples(info, path, idx)
         if from_file.is_floating_point() and tensor.is_floating_point():
             from_file = from_file.to(tensor.dtype)
-        got = tensor.detach().reshape(-1)[torch.tensor(idx, dtype=torch.long,
-                                                       device=tensor.device)].cpu()
+        got = (
+            tensor.detach()
+            .reshape(-1)[torch.tensor(idx, dtype=torch.long, device=tensor.device)]
+            .cpu()
+        )
         if got.dtype != from_file.dtype or not torch.equal(
-                got.view(torch.uint8) if got.numel() else got,
-                from_file.view(torch.uint8) if from_file.numel() else from_file):
+            got.view(torch.uint8) if got.numel() else got,
+            from_file.view(torch.uint8) if from_file.numel() else from_file,
+        ):
             mismatched.append(key)
             continue
         h.update(key.encode())
@@ -111,12 +128,16 @@ def check_finite(model: torch.nn.Module) -> None:
     bad = []
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.is_floating_point() and p.numel() and not all(
-                    bool(torch.isfinite(v)) for v in torch.aminmax(p.detach())):
+            if (
+                p.is_floating_point()
+                and p.numel()
+                and not all(bool(torch.isfinite(v)) for v in torch.aminmax(p.detach()))
+            ):
                 bad.append(name)
     if bad:
-        raise ModelLoadError("verify_failed", f"non-finite values (NaN or Inf) in the weights "
-                                              f"[{_names(bad)}]")
+        raise ModelLoadError(
+            "verify_failed", f"non-finite values (NaN or Inf) in the weights [{_names(bad)}]"
+        )
 
 
 def canary(model: torch.nn.Module, tokenizer: object, task: str, device: torch.device) -> str:
@@ -129,14 +150,19 @@ def canary(model: torch.nn.Module, tokenizer: object, task: str, device: torch.d
     """
     enc = tokenizer(CANARY_TEXT, return_tensors="pt")  # type: ignore[operator]
     # A few tokens suffice: every weight is still read once.
-    inputs = {k: v[:, :CANARY_TOKENS].repeat(2, 1).to(device) for k, v in enc.items()
-              if k in ("input_ids", "attention_mask", "token_type_ids")}
+    inputs = {
+        k: v[:, :CANARY_TOKENS].repeat(2, 1).to(device)
+        for k, v in enc.items()
+        if k in ("input_ids", "attention_mask", "token_type_ids")
+    }
     with torch.inference_mode():
         out = model(**inputs)
         t = (out.logits if task == "causal-lm" else out.last_hidden_state).float().cpu()
     if not torch.isfinite(t).all():
         raise ModelLoadError("verify_failed", "canary forward pass produced NaN or Inf")
     if not torch.equal(t[0], t[1]):
-        raise ModelLoadError("verify_failed", "canary forward pass is not deterministic "
-                                              "(identical rows gave different outputs)")
+        raise ModelLoadError(
+            "verify_failed",
+            "canary forward pass is not deterministic (identical rows gave different outputs)",
+        )
     return hashlib.sha256(t[0].numpy().tobytes()).hexdigest()

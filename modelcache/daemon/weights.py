@@ -26,10 +26,18 @@ import torch
 from modelcache.daemon.errors import ModelLoadError
 
 DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
@@ -91,19 +99,28 @@ def read_header(path: Path) -> Shard:
             raise _corrupt(path, f"tensor {name!r} has a malformed header entry") from None
         item = torch.empty((), dtype=dtype).element_size()
         if any(d < 0 for d in shape) or end - begin != math.prod(shape) * item or begin > end:
-            raise _corrupt(path, f"tensor {name!r}: offsets {begin}..{end} do not match "
-                                 f"shape {list(shape)} of {meta['dtype']}")
+            raise _corrupt(
+                path,
+                f"tensor {name!r}: offsets {begin}..{end} do not match "
+                f"shape {list(shape)} of {meta['dtype']}",
+            )
         infos.append(TensorInfo(name, dtype, shape, base + begin, base + end))
     infos.sort(key=lambda t: t.start)
     expected = base
     for t in infos:
         if t.start != expected:
-            raise _corrupt(path, f"tensor {t.name!r} starts at byte {t.start}, expected {expected} "
-                                 "(overlapping or gapped data)")
+            raise _corrupt(
+                path,
+                f"tensor {t.name!r} starts at byte {t.start}, expected {expected} "
+                "(overlapping or gapped data)",
+            )
         expected = t.end
     if expected != size:
-        raise _corrupt(path, f"header describes {expected} bytes but the file has {size} "
-                             f"({'truncated' if size < expected else 'trailing data'})")
+        raise _corrupt(
+            path,
+            f"header describes {expected} bytes but the file has {size} "
+            f"({'truncated' if size < expected else 'trailing data'})",
+        )
     return Shard(path=path, size=size, tensors=tuple(infos))
 
 
@@ -130,8 +147,9 @@ def find_shards(model_dir: Path) -> list[Path]:
             f"{model_dir} has only pickle weights (*.bin/*.pt); modelcache loads safetensors "
             "only, because unpickling can execute code. Convert the checkpoint to safetensors.",
         )
-    raise ModelLoadError("not_found", f"no model.safetensors or model.safetensors.index.json "
-                                      f"in {model_dir}")
+    raise ModelLoadError(
+        "not_found", f"no model.safetensors or model.safetensors.index.json in {model_dir}"
+    )
 
 
 def read_shard(shard: Shard) -> dict[str, torch.Tensor]:
@@ -156,12 +174,13 @@ def read_shard(shard: Shard) -> dict[str, torch.Tensor]:
         raise _corrupt(shard.path, f"file shrank while reading ({got} of {shard.size} bytes)")
     out: dict[str, torch.Tensor] = {}
     for t in shard.tensors:
-        raw = buf[t.start:t.end]
+        raw = buf[t.start : t.end]
         item = raw.new_empty((), dtype=t.dtype).element_size()
         if t.start % item:  # misaligned for this dtype: copy instead of viewing
             raw = raw.clone()
-        out[t.name] = raw.view(t.dtype).view(t.shape) if t.numel else torch.empty(
-            t.shape, dtype=t.dtype)
+        out[t.name] = (
+            raw.view(t.dtype).view(t.shape) if t.numel else torch.empty(t.shape, dtype=t.dtype)
+        )
     return out
 
 

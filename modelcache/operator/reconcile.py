@@ -119,9 +119,7 @@ class Reconciler:
         host = builders.endpoint(owner, spec, self.settings.cluster_domain)
         server_name = host.removeprefix("dns:///").rsplit(":", 1)[0]
         data = self.kube.secret_data(owner.namespace, spec.tls.secret_name)
-        return probe.tls_from_secret(
-            data, spec.tls.secret_name, spec.tls.client_auth, server_name
-        )
+        return probe.tls_from_secret(data, spec.tls.secret_name, spec.tls.client_auth, server_name)
 
     def observe(
         self,

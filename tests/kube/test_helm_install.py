@@ -51,14 +51,29 @@ RELEASE = f"mc-{SUFFIX}"
 NAMESPACE = f"mc-helm-{SUFFIX}"  # the release's namespace
 PEERING = f"modelcache-helm-{SUFFIX}"  # cluster-scoped: unique per run
 CRDS = ("modelcaches.modelcache.io", "kopfpeerings.kopf.dev", "clusterkopfpeerings.kopf.dev")
-MONITORING_KINDS = {"servicemonitors": "ServiceMonitor", "podmonitors": "PodMonitor",
-                    "prometheusrules": "PrometheusRule"}
-_PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY",
-               "ALL_PROXY", "grpc_proxy", "GRPC_PROXY")
+MONITORING_KINDS = {
+    "servicemonitors": "ServiceMonitor",
+    "podmonitors": "PodMonitor",
+    "prometheusrules": "PrometheusRule",
+}
+_PROXY_VARS = (
+    "http_proxy",
+    "https_proxy",
+    "all_proxy",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "ALL_PROXY",
+    "grpc_proxy",
+    "GRPC_PROXY",
+)
 
 
-def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 60,
-             fail_fast: Callable[[], None] | None = None) -> T:
+def wait_for(
+    what: str,
+    probe: Callable[[], T | None],
+    timeout: float = 60,
+    fail_fast: Callable[[], None] | None = None,
+) -> T:
     deadline = time.monotonic() + timeout
     while True:
         if fail_fast is not None:
@@ -76,16 +91,25 @@ class Kube:
     env: KubeEnv
     values: dict[str, Any] = field(default_factory=dict)
 
-    def run(self, tool: Path, *args: str, stdin: str | None = None,
-            check: bool = True) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run([str(tool), *args], input=stdin, capture_output=True, text=True,
-                              env=self.env.environ(), timeout=180, check=False)
+    def run(
+        self, tool: Path, *args: str, stdin: str | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [str(tool), *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            env=self.env.environ(),
+            timeout=180,
+            check=False,
+        )
         if check and proc.returncode != 0:
             raise AssertionError(f"{tool.name} {' '.join(args)}: {proc.stderr}{proc.stdout}")
         return proc
 
-    def kubectl(self, *args: str, stdin: str | None = None,
-                check: bool = True) -> subprocess.CompletedProcess[str]:
+    def kubectl(
+        self, *args: str, stdin: str | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         return self.run(self.env.kubectl, *args, stdin=stdin, check=check)
 
     def get(self, *args: str) -> dict[str, Any] | None:
@@ -99,8 +123,12 @@ class Kube:
 
     def helm(self, *args: str, values: dict[str, Any] | None = None) -> str:
         extra = ["--values", "-"] if values is not None else []
-        proc = self.run(self.env.helm, *args, *extra,
-                        stdin=yaml.safe_dump(values) if values is not None else None)
+        proc = self.run(
+            self.env.helm,
+            *args,
+            *extra,
+            stdin=yaml.safe_dump(values) if values is not None else None,
+        )
         return proc.stdout
 
     def manifest(self) -> list[dict[str, Any]]:
@@ -113,8 +141,16 @@ class Kube:
 
 
 def base_values(metrics_port: int, health_port: int, **operator: Any) -> dict[str, Any]:
-    return {"operator": {"peeringName": PEERING, "statusInterval": 1, "probeTimeout": 1,
-                         "metricsPort": metrics_port, "healthPort": health_port, **operator}}
+    return {
+        "operator": {
+            "peeringName": PEERING,
+            "statusInterval": 1,
+            "probeTimeout": 1,
+            "metricsPort": metrics_port,
+            "healthPort": health_port,
+            **operator,
+        }
+    }
 
 
 @pytest.fixture(scope="module")
@@ -125,9 +161,14 @@ def kube(kube_env: KubeEnv, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     for crd in CRDS:
         if k.get("crd", crd) is not None:
             k.kubectl("label", "crd", crd, "--overwrite", "app.kubernetes.io/managed-by=Helm")
-            k.kubectl("annotate", "crd", crd, "--overwrite",
-                      f"meta.helm.sh/release-name={RELEASE}",
-                      f"meta.helm.sh/release-namespace={NAMESPACE}")
+            k.kubectl(
+                "annotate",
+                "crd",
+                crd,
+                "--overwrite",
+                f"meta.helm.sh/release-name={RELEASE}",
+                f"meta.helm.sh/release-namespace={NAMESPACE}",
+            )
     # prometheus-operator's CRDs, reduced to their names (no schema): the control plane has
     # no Prometheus operator, but the chart's monitoring objects must be accepted. They stay
     # (deleting and re-creating them would leave helm's discovery cache stale).
@@ -147,19 +188,36 @@ def kube(kube_env: KubeEnv, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
 
 def _stub_crd(plural: str, kind: str) -> dict[str, Any]:
-    return {"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
-            "metadata": {"name": f"{plural}.monitoring.coreos.com"},
-            "spec": {"group": "monitoring.coreos.com", "scope": "Namespaced",
-                     "names": {"plural": plural, "singular": kind.lower(), "kind": kind},
-                     "versions": [{"name": "v1", "served": True, "storage": True, "schema": {
-                         "openAPIV3Schema": {"type": "object",
-                                             "x-kubernetes-preserve-unknown-fields": True}}}]}}
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{plural}.monitoring.coreos.com"},
+        "spec": {
+            "group": "monitoring.coreos.com",
+            "scope": "Namespaced",
+            "names": {"plural": plural, "singular": kind.lower(), "kind": kind},
+            "versions": [
+                {
+                    "name": "v1",
+                    "served": True,
+                    "storage": True,
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "x-kubernetes-preserve-unknown-fields": True,
+                        }
+                    },
+                }
+            ],
+        },
+    }
 
 
 # ----------------------------------------------------------------------------- the operator
 def sa_kubeconfig(k: Kube, namespace: str, account: str, out: Path) -> Path:
     """A kubeconfig that authenticates as the chart's ServiceAccount (its token Secret, which
     Kubernetes 1.20's token controller creates), and nothing else."""
+
     def token() -> str | None:
         sa = k.get("serviceaccount", account, "-n", namespace) or {}
         for ref in sa.get("secrets") or []:
@@ -170,12 +228,18 @@ def sa_kubeconfig(k: Kube, namespace: str, account: str, out: Path) -> Path:
         return None
 
     admin = yaml.safe_load(k.env.kubeconfig.read_text())
-    out.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config",
-        "clusters": [{"name": "local", "cluster": admin["clusters"][0]["cluster"]}],
-        "users": [{"name": account, "user": {"token": wait_for("the SA token", token)}}],
-        "contexts": [{"name": "sa", "context": {"cluster": "local", "user": account}}],
-        "current-context": "sa"}))
+    out.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "local", "cluster": admin["clusters"][0]["cluster"]}],
+                "users": [{"name": account, "user": {"token": wait_for("the SA token", token)}}],
+                "contexts": [{"name": "sa", "context": {"cluster": "local", "user": account}}],
+                "current-context": "sa",
+            }
+        )
+    )
     out.chmod(0o600)
     return out
 
@@ -185,8 +249,9 @@ class ChartOperator:
     environment (POD_NAME from the downward API set by hand), authenticated as its
     ServiceAccount. Only the listening host is changed to 127.0.0.1."""
 
-    def __init__(self, deployment: dict[str, Any], kubeconfig: Path, log: Path,
-                 identity: str) -> None:
+    def __init__(
+        self, deployment: dict[str, Any], kubeconfig: Path, log: Path, identity: str
+    ) -> None:
         pod = deployment["spec"]["template"]["spec"]
         (c,) = pod["containers"]
         assert c["command"][0] == "python"
@@ -199,18 +264,22 @@ class ChartOperator:
                 env[e["name"]] = identity
             else:
                 raise AssertionError(f"unexpected env source {e}")
-        env.update(KUBECONFIG=str(kubeconfig), NO_PROXY="127.0.0.1,localhost",
-                   no_proxy="127.0.0.1,localhost",
-                   MODELCACHE_OPERATOR_METRICS_HOST="127.0.0.1",
-                   MODELCACHE_OPERATOR_LIVENESS_HOST="127.0.0.1")
+        env.update(
+            KUBECONFIG=str(kubeconfig),
+            NO_PROXY="127.0.0.1,localhost",
+            no_proxy="127.0.0.1,localhost",
+            MODELCACHE_OPERATOR_METRICS_HOST="127.0.0.1",
+            MODELCACHE_OPERATOR_LIVENESS_HOST="127.0.0.1",
+        )
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
         self.metrics_port, self.health_port = ports["metrics"], ports["health"]
         self.health_path = c["livenessProbe"]["httpGet"]["path"]
         self.identity = identity
         self.log = log
         self._out = log.open("ab")
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self._out, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            cmd, env=env, stdout=self._out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
 
     def text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -230,13 +299,15 @@ class ChartOperator:
         User "system:serviceaccount:..." cannot VERB resource ...`) or where kopf found it
         lacks a permission. Other 403s (creating in a namespace being deleted, on a shared
         control plane) are not about the chart's rules."""
-        return [line for line in self.text().splitlines()
-                if re.search(r"cannot \w+ resource|Not enough permissions", line)]
+        return [
+            line
+            for line in self.text().splitlines()
+            if re.search(r"cannot \w+ resource|Not enough permissions", line)
+        ]
 
     def check_alive(self) -> None:
         if self.proc.poll() is not None:
-            raise AssertionError(f"operator exited {self.proc.returncode}:\n"
-                                 f"{self.text()[-4000:]}")
+            raise AssertionError(f"operator exited {self.proc.returncode}:\n{self.text()[-4000:]}")
         bad = self.permission_errors()
         if bad:
             raise AssertionError("operator hit a permission error:\n" + "\n".join(bad[:5]))
@@ -253,13 +324,20 @@ class ChartOperator:
 
 
 def modelcache(name: str, replicas: int = 1) -> dict[str, Any]:
-    return {"apiVersion": "modelcache.io/v1alpha1", "kind": "ModelCache",
-            "metadata": {"name": name},
-            "spec": {"image": "registry.invalid/modelcache:0.1.0", "replicas": replicas,
-                     "models": [{"name": "minilm", "source": "minilm", "task": "embedding",
-                                 "device": "cpu"}],
-                     "storage": {"pvc": {"size": "1Gi"}},
-                     "resources": {"requests": {"cpu": "100m"}}}}
+    return {
+        "apiVersion": "modelcache.io/v1alpha1",
+        "kind": "ModelCache",
+        "metadata": {"name": name},
+        "spec": {
+            "image": "registry.invalid/modelcache:0.1.0",
+            "replicas": replicas,
+            "models": [
+                {"name": "minilm", "source": "minilm", "task": "embedding", "device": "cpu"}
+            ],
+            "storage": {"pvc": {"size": "1Gi"}},
+            "resources": {"requests": {"cpu": "100m"}},
+        },
+    }
 
 
 def full_reconcile(k: Kube, op: ChartOperator, namespace: str, name: str = "emb") -> None:
@@ -267,11 +345,19 @@ def full_reconcile(k: Kube, op: ChartOperator, namespace: str, name: str = "emb"
     alive = op.check_alive
     wait_for("the operator's liveness endpoint", op.healthy, 60, alive)
     k.kubectl("apply", "-n", namespace, "-f", "-", stdin=json.dumps(modelcache(name)))
-    children = {"configmap": f"{name}-config", "persistentvolumeclaim": f"{name}-models",
-                "service": name, "deployment": name}
+    children = {
+        "configmap": f"{name}-config",
+        "persistentvolumeclaim": f"{name}-models",
+        "service": name,
+        "deployment": name,
+    }
     for kind, child in children.items():
-        obj = wait_for(f"{kind} {child}", lambda kind=kind, child=child: k.get(
-            kind, child, "-n", namespace), 60, alive)
+        obj = wait_for(
+            f"{kind} {child}",
+            lambda kind=kind, child=child: k.get(kind, child, "-n", namespace),
+            60,
+            alive,
+        )
         assert obj["metadata"]["ownerReferences"][0]["name"] == name
 
     def status() -> dict[str, Any] | None:
@@ -285,33 +371,68 @@ def full_reconcile(k: Kube, op: ChartOperator, namespace: str, name: str = "emb"
 
     def my_event() -> bool:
         events = (k.get("events", "-n", namespace) or {}).get("items", [])
-        return any(e["involvedObject"].get("name") == name
-                   and op.identity in json.dumps(e) for e in events)
+        return any(
+            e["involvedObject"].get("name") == name and op.identity in json.dumps(e) for e in events
+        )
 
     wait_for(f"an Event posted by {op.identity}", my_event, 60, alive)
     # Update: the children follow the spec.
-    k.kubectl("patch", "modelcache", name, "-n", namespace, "--type=merge",
-              "-p", json.dumps({"spec": {"replicas": 2}}))
-    wait_for("the Deployment scaled to 2", lambda: (k.get(
-        "deployment", name, "-n", namespace) or {}).get("spec", {}).get("replicas") == 2,
-        60, alive)
-    wait_for("a status refresh by the timer", lambda: re.search(
-        r'modelcache_operator_reconcile_total\{handler="timer",result="success"\} [1-9]',
-        op.metrics()), 60, alive)
+    k.kubectl(
+        "patch",
+        "modelcache",
+        name,
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        json.dumps({"spec": {"replicas": 2}}),
+    )
+    wait_for(
+        "the Deployment scaled to 2",
+        lambda: (
+            (k.get("deployment", name, "-n", namespace) or {}).get("spec", {}).get("replicas") == 2
+        ),
+        60,
+        alive,
+    )
+    wait_for(
+        "a status refresh by the timer",
+        lambda: re.search(
+            r'modelcache_operator_reconcile_total\{handler="timer",result="success"\} [1-9]',
+            op.metrics(),
+        ),
+        60,
+        alive,
+    )
     # Delete: the operator's finalizer goes, the ModelCache goes.
     k.kubectl("delete", "modelcache", name, "-n", namespace, "--wait=false")
-    wait_for("the ModelCache to be deleted", lambda: k.get(
-        "modelcache", name, "-n", namespace) is None, 60, alive)
+    wait_for(
+        "the ModelCache to be deleted",
+        lambda: k.get("modelcache", name, "-n", namespace) is None,
+        60,
+        alive,
+    )
     op.check_alive()
 
 
 def delete_cache(k: Kube, namespace: str, name: str) -> None:
     """Delete a ModelCache while an operator runs, so that its finalizer goes with it (a
     namespace holding a ModelCache with a finalizer and no operator never finishes deleting)."""
-    k.kubectl("delete", "modelcache", name, "-n", namespace, "--wait=false",
-              "--ignore-not-found", check=False)
-    wait_for(f"ModelCache {name} to be deleted",
-             lambda: k.get("modelcache", name, "-n", namespace) is None, 60)
+    k.kubectl(
+        "delete",
+        "modelcache",
+        name,
+        "-n",
+        namespace,
+        "--wait=false",
+        "--ignore-not-found",
+        check=False,
+    )
+    wait_for(
+        f"ModelCache {name} to be deleted",
+        lambda: k.get("modelcache", name, "-n", namespace) is None,
+        60,
+    )
 
 
 def start_operator(k: Kube, tmp: Path, identity: str) -> ChartOperator:
@@ -327,8 +448,15 @@ def ports() -> tuple[int, int]:
 
 
 def test_install(kube: Kube, ports: tuple[int, int], tmp_path: Path) -> None:
-    out = kube.helm("install", RELEASE, str(CHART), "-n", NAMESPACE, "--create-namespace",
-                    values=base_values(*ports))
+    out = kube.helm(
+        "install",
+        RELEASE,
+        str(CHART),
+        "-n",
+        NAMESPACE,
+        "--create-namespace",
+        values=base_values(*ports),
+    )
     status = json.loads(kube.helm("status", RELEASE, "-n", NAMESPACE, "-o", "json"))
     assert status["info"]["status"] == "deployed"
     op = f"{RELEASE}-modelcache-operator"
@@ -340,9 +468,12 @@ def test_install(kube: Kube, ports: tuple[int, int], tmp_path: Path) -> None:
         body = kube.get("crd", crd) or {}
         assert body["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
     # The controller-manager made a ReplicaSet and a Pod (which never runs: no kubelet).
-    wait_for("the operator's pod", lambda: (kube.get(
-        "pods", "-n", NAMESPACE, "-l", "app.kubernetes.io/component=operator") or {}).get(
-        "items"))
+    wait_for(
+        "the operator's pod",
+        lambda: (
+            kube.get("pods", "-n", NAMESPACE, "-l", "app.kubernetes.io/component=operator") or {}
+        ).get("items"),
+    )
     # NOTES: the first ModelCache they show is accepted by the API server's CRD schema.
     notes = out.split("NOTES:", 1)[1]
     assert "kubectl -n" in notes and "port-forward service/minilm 50051:50051" in notes
@@ -366,12 +497,21 @@ def test_operator_full_reconcile_with_only_the_charts_rbac(kube: Kube, tmp_path:
     assert not op.permission_errors()
     # The operator's own exposition: valid, and it has every operator metric the dashboard
     # and the alerts use.
-    proc = subprocess.run([tool("promtool"), "check", "metrics"], input=text,
-                          capture_output=True, text=True, timeout=60, check=False)
+    proc = subprocess.run(
+        [tool("promtool"), "check", "metrics"],
+        input=text,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     exported = exposition_names(text)
-    used = {n for _, e in dashboard_targets(dashboard())
-            for n in promql_metric_names(grafana_to_promql(e))}
+    used = {
+        n
+        for _, e in dashboard_targets(dashboard())
+        for n in promql_metric_names(grafana_to_promql(e))
+    }
     used |= {n for r in alert_rules(rendered_rules()) for n in promql_metric_names(r["expr"])}
     operator_metrics = {n for n in used if n.startswith("modelcache_operator_")}
     assert operator_metrics and operator_metrics <= exported, operator_metrics - exported
@@ -387,8 +527,12 @@ def test_daemon_pods_are_locked_down(kube: Kube, tmp_path: Path) -> None:
     op = start_operator(kube, tmp_path, f"helm-op2-{SUFFIX}")
     try:
         kube.kubectl("apply", "-n", ns, "-f", "-", stdin=json.dumps(modelcache("locked")))
-        dep = wait_for("the daemon Deployment", lambda: kube.get(
-            "deployment", "locked", "-n", ns), 60, op.check_alive)
+        dep = wait_for(
+            "the daemon Deployment",
+            lambda: kube.get("deployment", "locked", "-n", ns),
+            60,
+            op.check_alive,
+        )
     finally:
         delete_cache(kube, ns, "locked")
         op.stop()
@@ -425,13 +569,17 @@ def test_a_missing_permission_fails_the_reconcile(kube: Kube, tmp_path: Path) ->
         op.stop()
 
 
-def test_upgrade_turns_on_monitoring_and_network_policy(kube: Kube,
-                                                        ports: tuple[int, int]) -> None:
-    values = {**base_values(*ports),
-              "monitoring": {"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True},
-                             "prometheusRule": {"enabled": True},
-                             "dashboard": {"enabled": True}},
-              "networkPolicy": {"enabled": True}}
+def test_upgrade_turns_on_monitoring_and_network_policy(kube: Kube, ports: tuple[int, int]) -> None:
+    values = {
+        **base_values(*ports),
+        "monitoring": {
+            "serviceMonitor": {"enabled": True},
+            "podMonitor": {"enabled": True},
+            "prometheusRule": {"enabled": True},
+            "dashboard": {"enabled": True},
+        },
+        "networkPolicy": {"enabled": True},
+    }
     kube.helm("upgrade", RELEASE, str(CHART), "-n", NAMESPACE, values=values)
     status = json.loads(kube.helm("status", RELEASE, "-n", NAMESPACE, "-o", "json"))
     assert status["version"] == 2 and status["info"]["status"] == "deployed"
@@ -445,16 +593,22 @@ def test_upgrade_turns_on_monitoring_and_network_policy(kube: Kube,
     assert kube.get("networkpolicy", f"{RELEASE}-modelcache-daemons", "-n", NAMESPACE)
     # The upgrade also restored the ClusterRole the previous test trimmed.
     role = kube.get("clusterrole", f"{RELEASE}-modelcache-operator") or {}
-    assert any("deployments" in r["resources"] and "update" in r["verbs"]
-               for r in role["rules"])
+    assert any("deployments" in r["resources"] and "update" in r["verbs"] for r in role["rules"])
 
 
-def test_namespaced_operator_reconciles_with_roles_only(kube: Kube, ports: tuple[int, int],
-                                                        tmp_path: Path) -> None:
+def test_namespaced_operator_reconciles_with_roles_only(
+    kube: Kube, ports: tuple[int, int], tmp_path: Path
+) -> None:
     ns = f"{NAMESPACE}-b"
     kube.kubectl("create", "namespace", ns)
-    kube.helm("upgrade", RELEASE, str(CHART), "-n", NAMESPACE,
-              values=base_values(*ports, watchNamespaces=[ns]))
+    kube.helm(
+        "upgrade",
+        RELEASE,
+        str(CHART),
+        "-n",
+        NAMESPACE,
+        values=base_values(*ports, watchNamespaces=[ns]),
+    )
     op_name = f"{RELEASE}-modelcache-operator"
     assert kube.get("clusterrolebinding", op_name) is None
     assert kube.get("role", op_name, "-n", ns) and kube.get("rolebinding", op_name, "-n", ns)
@@ -464,8 +618,16 @@ def test_namespaced_operator_reconciles_with_roles_only(kube: Kube, ports: tuple
     try:
         full_reconcile(kube, op, ns)
         # It has no rights elsewhere: another namespace's ModelCaches are not its business.
-        proc = kube.kubectl("auth", "can-i", "create", "deployments", "-n", f"{NAMESPACE}-a",
-                            f"--as=system:serviceaccount:{NAMESPACE}:{op_name}", check=False)
+        proc = kube.kubectl(
+            "auth",
+            "can-i",
+            "create",
+            "deployments",
+            "-n",
+            f"{NAMESPACE}-a",
+            f"--as=system:serviceaccount:{NAMESPACE}:{op_name}",
+            check=False,
+        )
         assert proc.stdout.strip() == "no"
     finally:
         op.stop()
@@ -474,9 +636,13 @@ def test_namespaced_operator_reconciles_with_roles_only(kube: Kube, ports: tuple
 def test_uninstall_keeps_the_crds(kube: Kube) -> None:
     kube.helm("uninstall", RELEASE, "-n", NAMESPACE)
     op_name = f"{RELEASE}-modelcache-operator"
-    wait_for("the operator's objects to go", lambda: kube.get(
-        "deployment", op_name, "-n", NAMESPACE) is None and kube.get(
-        "clusterrole", f"{op_name}-cluster") is None and kube.get(
-        "serviceaccount", op_name, "-n", NAMESPACE) is None)
+    wait_for(
+        "the operator's objects to go",
+        lambda: (
+            kube.get("deployment", op_name, "-n", NAMESPACE) is None
+            and kube.get("clusterrole", f"{op_name}-cluster") is None
+            and kube.get("serviceaccount", op_name, "-n", NAMESPACE) is None
+        ),
+    )
     for crd in CRDS:
         assert kube.get("crd", crd), f"{crd} was deleted despite crds.keep"

@@ -284,8 +284,10 @@ def test_end_to_end(
     # The per-resource readiness series goes with the resource.
     wait_for(
         "the readiness series to go",
-        lambda: f'modelcache_operator_modelcache_ready{{name="cache",namespace="{ns}"}}'
-        not in op.metrics(),
+        lambda: (
+            f'modelcache_operator_modelcache_ready{{name="cache",namespace="{ns}"}}'
+            not in op.metrics()
+        ),
     )
     timings["deleted"] = time.monotonic() - t0
     print("end-to-end timings:", {k: round(v, 1) for k, v in timings.items()})

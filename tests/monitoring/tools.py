@@ -57,36 +57,61 @@ def tool(name: str) -> str:
     pytest.fail(f"{name} not found: {SYSTEM_DEPS}", pytrace=False)
 
 
-def run(cmd: list[str], *, check: bool = True, timeout: float = 120,
-        input: str | None = None, env: Mapping[str, str] | None = None,
-        cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, input=input,
-                          env=dict(env) if env is not None else None, cwd=cwd, check=False)
+def run(
+    cmd: list[str],
+    *,
+    check: bool = True,
+    timeout: float = 120,
+    input: str | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        input=input,
+        env=dict(env) if env is not None else None,
+        cwd=cwd,
+        check=False,
+    )
     if check and proc.returncode != 0:
-        pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}",
-                    pytrace=False)
+        pytest.fail(
+            f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}",
+            pytrace=False,
+        )
     return proc
 
 
 # ----------------------------------------------------------------------------- helm
-def helm_template(*args: str, values: Mapping[str, Any] | None = None,
-                  release: str = "mc", namespace: str = "modelcache",
-                  check: bool = True) -> subprocess.CompletedProcess[str]:
+def helm_template(
+    *args: str,
+    values: Mapping[str, Any] | None = None,
+    release: str = "mc",
+    namespace: str = "modelcache",
+    check: bool = True,
+) -> subprocess.CompletedProcess[str]:
     cmd = [tool("helm"), "template", release, str(CHART), "--namespace", namespace, *args]
     if values is not None:
         cmd += ["--values", "-"]
     return run(cmd, check=check, input=yaml.safe_dump(dict(values)) if values else None)
 
 
-def render(*args: str, values: Mapping[str, Any] | None = None,
-           release: str = "mc", namespace: str = "modelcache") -> list[dict[str, Any]]:
+def render(
+    *args: str,
+    values: Mapping[str, Any] | None = None,
+    release: str = "mc",
+    namespace: str = "modelcache",
+) -> list[dict[str, Any]]:
     out = helm_template(*args, values=values, release=release, namespace=namespace).stdout
     return [d for d in yaml.safe_load_all(out) if d]
 
 
 def find(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
-    hits = [d for d in docs if d["kind"] == kind
-            and (name is None or d["metadata"]["name"] == name)]
+    hits = [
+        d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)
+    ]
     assert len(hits) == 1, f"expected one {kind} {name or ''}, got {len(hits)}"
     return hits[0]
 
@@ -106,10 +131,31 @@ def alert_rules(rules: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------- PromQL
-_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "offset",
-             "and", "or", "unless", "inf", "nan", "atan2", "start", "end"}
-_GRAFANA_VARS = {"$__rate_interval": "5m", "$__interval": "1m", "$__range": "1h",
-                 "${__rate_interval}": "5m", "${__range}": "1h"}
+_KEYWORDS = {
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "bool",
+    "offset",
+    "and",
+    "or",
+    "unless",
+    "inf",
+    "nan",
+    "atan2",
+    "start",
+    "end",
+}
+_GRAFANA_VARS = {
+    "$__rate_interval": "5m",
+    "$__interval": "1m",
+    "$__range": "1h",
+    "${__rate_interval}": "5m",
+    "${__range}": "1h",
+}
 
 
 def grafana_to_promql(expr: str, values: Mapping[str, str] | None = None) -> str:
@@ -140,10 +186,15 @@ def exposition_names(text: str) -> set[str]:
     """Every sample name an exposition can carry: a family with no children yet (a labelled
     metric before its first event) still declares its name and type."""
     names: set[str] = set()
-    suffixes = {"counter": ["_total", "_created"], "histogram": ["_bucket", "_sum", "_count",
-                                                                  "_created"],
-                "summary": ["_sum", "_count", "_created", ""], "gauge": [""],
-                "info": ["_info"], "untyped": [""], "unknown": [""]}
+    suffixes = {
+        "counter": ["_total", "_created"],
+        "histogram": ["_bucket", "_sum", "_count", "_created"],
+        "summary": ["_sum", "_count", "_created", ""],
+        "gauge": [""],
+        "info": ["_info"],
+        "untyped": [""],
+        "unknown": [""],
+    }
     for fam in text_string_to_metric_families(text):
         for suffix in suffixes.get(fam.type, [""]):
             names.add(fam.name + suffix)
@@ -166,8 +217,13 @@ def http_get(url: str, timeout: float = 5) -> str:
         return body.decode()
 
 
-def wait_for(check: Any, timeout: float, what: str, proc: subprocess.Popen[Any] | None = None,
-             log: Path | None = None) -> Any:
+def wait_for(
+    check: Any,
+    timeout: float,
+    what: str,
+    proc: subprocess.Popen[Any] | None = None,
+    log: Path | None = None,
+) -> Any:
     deadline = time.monotonic() + timeout
     last: BaseException | None = None
     while time.monotonic() < deadline:
@@ -182,8 +238,7 @@ def wait_for(check: Any, timeout: float, what: str, proc: subprocess.Popen[Any] 
             last = exc
         time.sleep(0.2)
     tail = log.read_text(errors="replace")[-4000:] if log else ""
-    pytest.fail(f"timed out after {timeout}s waiting for {what} ({last!r})\n{tail}",
-                pytrace=False)
+    pytest.fail(f"timed out after {timeout}s waiting for {what} ({last!r})\n{tail}", pytrace=False)
 
 
 def stop(proc: subprocess.Popen[Any], timeout: float = 15) -> None:
@@ -223,24 +278,52 @@ def running_daemon(tmp: Path, model: str = "minilm") -> Iterator[Daemon]:
     """``modelcache serve`` on the bundled all-MiniLM-L6-v2, gRPC and metrics on 127.0.0.1,
     up once the model is loaded (modelcache_model_loaded == 1)."""
     config = tmp / "daemon.yaml"
-    config.write_text(yaml.safe_dump({"models": [
-        {"name": model, "source": str(minilm_path()), "task": "embedding"}]}))
+    config.write_text(
+        yaml.safe_dump(
+            {"models": [{"name": model, "source": str(minilm_path()), "task": "embedding"}]}
+        )
+    )
     d = Daemon(free_port(), free_port(), tmp / "daemon.log")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "MODELCACHE_HOST": "127.0.0.1",
-           "MODELCACHE_METRICS_HOST": "127.0.0.1"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "MODELCACHE_HOST": "127.0.0.1",
+        "MODELCACHE_METRICS_HOST": "127.0.0.1",
+    }
     for k in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
         env.pop(k, None)
     exe = Path(sys.executable).parent / "modelcache"
     with d.log.open("wb") as logf:
         proc = subprocess.Popen(
-            [str(exe), "serve", "--config", str(config), "--host", "127.0.0.1",
-             "--port", str(d.grpc_port), "--metrics-host", "127.0.0.1",
-             "--metrics-port", str(d.metrics_port)],
-            stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+            [
+                str(exe),
+                "serve",
+                "--config",
+                str(config),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(d.grpc_port),
+                "--metrics-host",
+                "127.0.0.1",
+                "--metrics-port",
+                str(d.metrics_port),
+            ],
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
     try:
-        wait_for(lambda: f'modelcache_model_loaded{{model="{model}"}} 1.0' in d.metrics(),
-                 120, "the daemon to load the model", proc, d.log)
+        wait_for(
+            lambda: f'modelcache_model_loaded{{model="{model}"}} 1.0' in d.metrics(),
+            120,
+            "the daemon to load the model",
+            proc,
+            d.log,
+        )
         yield d
     finally:
         stop(proc)
