@@ -161,6 +161,13 @@ MODELCACHE_READY = Gauge(
     ["namespace", "name"],
     registry=OPERATOR_REGISTRY,
 )
+OPERATOR_KOPF_RESTARTS = Counter(
+    "modelcache_operator_kopf_restarts",
+    "kopf runs that ended on an error and were restarted in-process, by exception type "
+    "(e.g. a watch answered 404 while a restarted API server was still registering CRDs).",
+    ["reason"],
+    registry=OPERATOR_REGISTRY,
+)
 OPERATOR_BUILD_INFO = Gauge(
     "modelcache_operator_build_info",
     "Always 1; the operator's versions.",

@@ -42,6 +42,10 @@ _STATUS_INTERVAL = OperatorSettings().status_interval  # kopf needs it at regist
 _phases: dict[tuple[str, str], str] = {}
 _published: set[tuple[str, str]] = set()
 _phases_lock = threading.Lock()
+# The process's start: kopf may be restarted in-process (__main__), and a restart must not
+# make this replica junior to ones that started after the process did.
+_PROCESS_STARTED = time.time()
+_metrics_started = False
 
 
 def seniority_priority(now: float | None = None) -> int:
@@ -57,7 +61,9 @@ def _configure_kopf(settings: kopf.OperatorSettings, ops: OperatorSettings) -> N
     settings.peering.standalone = False
     settings.peering.lifetime = ops.peering_lifetime
     settings.peering.priority = (
-        ops.peering_priority if ops.peering_priority is not None else seniority_priority()
+        ops.peering_priority
+        if ops.peering_priority is not None
+        else seniority_priority(_PROCESS_STARTED)
     )
     settings.posting.enabled = True
     settings.posting.reporting_component = "modelcache-operator"
@@ -74,7 +80,7 @@ def _configure_kopf(settings: kopf.OperatorSettings, ops: OperatorSettings) -> N
     settings.execution.max_workers = 8
 
 
-@kopf.on.startup()
+@kopf.on.startup(backoff=2)  # an API server still starting up: retry soon, not in 60 s
 def startup(
     settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf.Logger, **_: Any
 ) -> None:
@@ -91,8 +97,10 @@ def startup(
             logger.info(
                 "created peering object %s in %s", ops.peering_name, namespace or "the cluster"
             )
-    if ops.metrics_port:
+    global _metrics_started
+    if ops.metrics_port and not _metrics_started:  # once per process, not per kopf run
         start_http_server(ops.metrics_port, ops.metrics_host, registry=OPERATOR_REGISTRY)
+        _metrics_started = True
     OPERATOR_BUILD_INFO.labels(
         importlib.metadata.version("modelcache"),
         importlib.metadata.version("kopf"),
