@@ -358,8 +358,12 @@ EOF
 # ----------------------------------------------------------------------------- ports
 # load_ports: pinned (MODELCACHE_KUBE_<NAME>) > kept in $STATE/ports > unset.
 load_ports() {
-  local n pinned
-  [[ -f $STATE/ports ]] && source "$STATE/ports"
+  local n pinned key value
+  if [[ -f $STATE/ports ]]; then  # parsed, never sourced: only NAME=digits lines count
+    while IFS='=' read -r key value; do
+      [[ " ${PORT_NAMES[*]} " == *" $key "* && $value =~ ^[0-9]+$ ]] && printf -v "$key" '%s' "$value"
+    done <"$STATE/ports"
+  fi
   for n in "${PORT_NAMES[@]}"; do
     pinned="MODELCACHE_KUBE_$n"
     [[ -n ${!pinned:-} ]] && printf -v "$n" '%s' "${!pinned}"
