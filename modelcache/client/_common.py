@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,8 +23,10 @@ from typing import Any
 import grpc
 import numpy as np
 import numpy.typing as npt
+from grpc_health.v1 import health_pb2_grpc
 
 from modelcache.v1 import modelcache_pb2 as pb
+from modelcache.v1 import modelcache_pb2_grpc as pb_grpc
 
 SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
@@ -289,3 +292,43 @@ def decode_models(resp: pb.ListModelsResponse) -> ModelList:
         ],
         versions=dict(resp.versions),
     )
+
+
+class ClientBase:
+    """What the blocking and the asyncio client share: settings, channel, stubs, retry
+    budget. Subclasses say only how a channel is made (``_secure`` / ``_insecure``)."""
+
+    _secure: Callable[..., Any]
+    _insecure: Callable[..., Any]
+
+    def __init__(
+        self,
+        target: str = "127.0.0.1:50051",
+        *,
+        timeout: float | None = 30.0,
+        retry: RetryPolicy | None = None,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        private_key: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        options: Sequence[tuple[str, Any]] = (),
+        seed: int | None = None,
+    ) -> None:
+        self.target = normalize_target(target)
+        self.timeout = timeout
+        self.retry = retry or RetryPolicy()
+        self._rng = random.Random(seed)
+        opts = channel_options(max_message_bytes, options)
+        creds = channel_credentials(root_certificates, private_key, certificate_chain, tls)
+        cls = type(self)
+        self.channel: Any = (
+            cls._secure(self.target, creds, opts) if creds else cls._insecure(self.target, opts)
+        )
+        self._stub = pb_grpc.ModelCacheStub(self.channel)  # type: ignore[no-untyped-call]
+        self._health = health_pb2_grpc.HealthStub(self.channel)
+
+    def _attempts(self, timeout: float | None) -> Attempts:
+        """The retry state of one call; ``timeout`` is the overall deadline (None: none)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return Attempts(self.retry, deadline, self._rng)

@@ -11,66 +11,34 @@ queue.
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from modelcache.client._common import (
-    DEFAULT_MAX_MESSAGE_BYTES,
     F32,
-    Attempts,
+    ClientBase,
     EmbedResult,
     ModelCacheError,
     ModelList,
-    RetryPolicy,
     SequenceLogProbs,
-    channel_credentials,
-    channel_options,
     decode_embed,
     decode_logprobs,
     decode_models,
     embed_request,
     logprobs_request,
-    normalize_target,
 )
 from modelcache.v1 import modelcache_pb2 as pb
-from modelcache.v1 import modelcache_pb2_grpc as pb_grpc
 
 _UNSET: Any = object()
 
 
-class AsyncModelCacheClient:
-    def __init__(
-        self,
-        target: str = "127.0.0.1:50051",
-        *,
-        timeout: float | None = 30.0,
-        retry: RetryPolicy | None = None,
-        tls: bool = False,
-        root_certificates: bytes | None = None,
-        private_key: bytes | None = None,
-        certificate_chain: bytes | None = None,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        options: Sequence[tuple[str, Any]] = (),
-        seed: int | None = None,
-    ) -> None:
-        self.target = normalize_target(target)
-        self.timeout = timeout
-        self.retry = retry or RetryPolicy()
-        self._rng = random.Random(seed)
-        opts = channel_options(max_message_bytes, options)
-        creds = channel_credentials(root_certificates, private_key, certificate_chain, tls)
-        self.channel = (
-            grpc.aio.secure_channel(self.target, creds, opts)
-            if creds
-            else grpc.aio.insecure_channel(self.target, opts)
-        )
-        self._stub = pb_grpc.ModelCacheStub(self.channel)  # type: ignore[no-untyped-call]
-        self._health = health_pb2_grpc.HealthStub(self.channel)
+class AsyncModelCacheClient(ClientBase):
+    _secure = staticmethod(grpc.aio.secure_channel)
+    _insecure = staticmethod(grpc.aio.insecure_channel)
 
     async def close(self) -> None:
         await self.channel.close()
@@ -82,10 +50,7 @@ class AsyncModelCacheClient:
         await self.close()
 
     async def _call(self, method: Callable[..., Any], request: Any, timeout: float | None) -> Any:
-        budget = self.timeout if timeout is _UNSET else timeout
-        attempts = Attempts(
-            self.retry, None if budget is None else time.monotonic() + budget, self._rng
-        )
+        attempts = self._attempts(self.timeout if timeout is _UNSET else timeout)
         while True:
             left = attempts.remaining(time.monotonic())
             try:
