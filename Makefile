@@ -41,7 +41,7 @@ test: $(STAMP) system-deps
 	$(BIN)/ruff format --check modelcache tests bench
 	$(BIN)/mypy
 	bash hack/kube-control-plane.sh build
-	$(BIN)/pytest -q -ra --durations=15
+	$(BIN)/pytest -q -ra --tb=short --durations=15
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

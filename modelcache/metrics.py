@@ -137,7 +137,8 @@ DEVICE_MEMORY_BYTES = Gauge(
 # --- operator ----------------------------------------------------------------------
 RECONCILE = Counter(
     "modelcache_operator_reconcile",
-    "Operator reconciliations by handler and result (success, retry, permanent_error).",
+    "Operator reconciliations by handler and result (success, retry, permanent_error; busy: a "
+    "status tick skipped because a handler was converging the same ModelCache).",
     ["handler", "result"],
     registry=OPERATOR_REGISTRY,
 )

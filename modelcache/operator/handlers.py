@@ -144,8 +144,38 @@ def _patch_status(patch: kopf.Patch, old: Mapping[str, Any], new: Mapping[str, A
             patch.status[key] = None
 
 
+# Status fields a converge that did not apply the children must leave alone. A timer's body
+# can be older than the status an update handler has just written (kopf runs timers beside
+# the change handlers and each patches on its own); writing these from it would move
+# observedGeneration back, and the timer only re-applies once it matches the generation.
+_APPLY_OWNED = ("observedGeneration", "configHash")
+
+
+def _object_lock(memo: kopf.Memo) -> threading.Lock:
+    """One lock per ModelCache (kopf gives each object its own memo): a converge never
+    observes the children while another one in this process is writing them."""
+    lock: threading.Lock = memo.setdefault("converge_lock", threading.Lock())  # atomic
+    return lock
+
+
 def _converge(
     handler: str, body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, apply: bool = True
+) -> None:
+    lock = _object_lock(memo)
+    if handler == "timer":
+        if not lock.acquire(blocking=False):  # a handler is converging: its status wins
+            RECONCILE.labels(handler, "busy").inc()
+            return
+    else:
+        lock.acquire()
+    try:
+        _converge_locked(handler, body, patch, memo, apply)
+    finally:
+        lock.release()
+
+
+def _converge_locked(
+    handler: str, body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, apply: bool
 ) -> None:
     started, result = time.monotonic(), "retry"
     try:
@@ -159,10 +189,22 @@ def _converge(
     finally:
         RECONCILE.labels(handler, result).inc()
         RECONCILE_DURATION.labels(handler).observe(time.monotonic() - started)
-    _patch_status(patch, body.get("status") or {}, outcome.status.to_patch())
+    old, new = dict(body.get("status") or {}), outcome.status.to_patch()
+    if not apply:
+        for key in _APPLY_OWNED:
+            old.pop(key, None)
+            new.pop(key, None)
+    _patch_status(patch, old, new)
     for event in outcome.events:
         kopf.event(body, type=event.type, reason=event.reason, message=event.message)
-    _publish_phase(body.metadata.namespace or "", body.metadata.name or "", outcome.status.phase)
+    # A timer tick that was already running when the ModelCache was deleted must not bring
+    # back the series the delete handler removed.
+    deleting = bool(body.metadata.get("deletionTimestamp"))
+    _publish_phase(
+        body.metadata.namespace or "",
+        body.metadata.name or "",
+        None if deleting else outcome.status.phase,
+    )
 
 
 @kopf.on.create(GROUP, VERSION, PLURAL)

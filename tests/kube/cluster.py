@@ -14,6 +14,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
+# Logs of the processes a test started (operators): conftest attaches their tails to the
+# report of a test that fails, so a CI log that shows only the failure still says why.
+PROCESS_LOGS = pytest.StashKey[list[Path]]()
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = REPO_ROOT / "hack" / "kube-control-plane.sh"
 

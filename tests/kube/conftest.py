@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from .cluster import (
+    PROCESS_LOGS,
     KubeEnv,
     control_plane_running,
     ensure_control_plane,
@@ -22,6 +23,7 @@ from .cluster import (
 )
 
 _build_error: BaseException | None = None
+_TAIL_LINES = 60
 _own_state_dir = False  # True when this run made its state dir (CI): removed at the end
 
 
@@ -47,6 +49,19 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         run_script("build")
     except (subprocess.SubprocessError, OSError) as exc:
         _build_error = exc
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    report: pytest.TestReport = yield
+    if report.failed and report.when == "call":
+        for log in item.stash.get(PROCESS_LOGS, []):
+            if log.exists():
+                lines = log.read_text(errors="replace").splitlines()
+                tail = [line for line in lines if "Timer 'refresh' succeeded" not in line]
+                tail = tail[-_TAIL_LINES:]
+                report.sections.append((f"last {_TAIL_LINES} lines of {log.name}", "\n".join(tail)))
+    return report
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ import tiny_models
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from .cluster import KubeEnv
+from .cluster import PROCESS_LOGS, KubeEnv
 from .operator_cluster import (
     GROUP,
     VERSION,
@@ -63,10 +63,15 @@ def fixture_account(
 
 @pytest.fixture(name="start_operator")
 def fixture_start_operator(
-    admin: client.ApiClient, account: Account, ns: str, tmp_path: Path
+    admin: client.ApiClient,
+    account: Account,
+    ns: str,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
 ) -> Iterator[Callable[..., Operator]]:
     """Start operator subprocesses (real kill/restart); every one must never hit a 403."""
     started: list[Operator] = []
+    logs = request.node.stash.setdefault(PROCESS_LOGS, [])
 
     def start(identity: str = "op-a", daemon_port: int = 1, **settings: str) -> Operator:
         op = Operator(
@@ -78,6 +83,7 @@ def fixture_start_operator(
             **settings,
         )
         started.append(op)
+        logs.append(op.log_path)
         return op
 
     yield start
