@@ -283,7 +283,8 @@ def panels() -> list[Json]:
     g.add(timeseries(
         "Operator reconciles by result",
         "modelcache_operator_reconcile_total per second, by handler and result (success, "
-        "retry, permanent_error).",
+        "retry, permanent_error; busy = a status tick skipped while a handler converged the "
+        "same ModelCache).",
         [target(f"sum by (handler, result) (rate(modelcache_operator_reconcile_total[{RATE}]))",
                 "{{handler}} {{result}}")], "ops", stack=True), 8, 8)
     g.add(timeseries(
