@@ -29,3 +29,5 @@ class DaemonSettings(BaseSettings):
     watchdog_interval: float = Field(1.0, gt=0)
     grpc_max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     grpc_threads: int = Field(16, ge=1)
+    # Threads reading a checkpoint shard in parallel spans; 0 = one per usable CPU, at most 8.
+    read_threads: int = Field(0, ge=0, le=64)

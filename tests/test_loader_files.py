@@ -9,6 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import tiny_models
 import torch
 from loader_helpers import load_one, metric, outputs, spec
@@ -215,3 +216,46 @@ def test_out_of_memory_during_load_fails_that_model_only(tmp_path: Path) -> None
     lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines())
     assert lines["huge"].startswith("failed out_of_memory out of memory while loading")
     assert lines["good"].startswith("ready")
+
+
+def test_parallel_spans_read_exactly_what_safetensors_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from safetensors.torch import load_file
+
+    from modelcache.daemon import weights
+
+    path = tiny_models.gpt2(tmp_path / "gpt2") / "model.safetensors"
+    shard = weights.read_header(path)
+    monkeypatch.setattr(weights, "READ_SPAN_BYTES", 4096)  # many spans, many threads
+    assert shard.size > 8 * 4096
+    reference = load_file(str(path))
+    for threads in (1, 3, 8):
+        got = weights.read_shard(shard, threads=threads)
+        assert got.keys() == reference.keys()
+        assert all(torch.equal(got[k], reference[k]) for k in reference), threads
+
+
+def test_a_file_that_shrinks_after_its_header_was_read_fails_with_the_file_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from modelcache.daemon import weights
+    from modelcache.daemon.errors import ModelLoadError
+
+    path = tiny_models.gpt2(tmp_path / "gpt2") / "model.safetensors"
+    shard = weights.read_header(path)
+    monkeypatch.setattr(weights, "READ_SPAN_BYTES", 4096)
+    os.truncate(path, shard.size - 5000)  # the last spans come back short or empty
+    with pytest.raises(ModelLoadError) as info:
+        weights.read_shard(shard, threads=4)
+    assert info.value.error_class == "corrupt_weights"
+    assert str(path) in str(info.value) and "file shrank" in str(info.value)
+
+
+def test_read_threads_come_from_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    from modelcache.daemon import weights
+
+    monkeypatch.setenv("MODELCACHE_READ_THREADS", "3")
+    assert weights.read_threads() == 3
+    monkeypatch.delenv("MODELCACHE_READ_THREADS")
+    assert 1 <= weights.read_threads() <= min(8, len(os.sched_getaffinity(0)))
