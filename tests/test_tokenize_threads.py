@@ -3,6 +3,7 @@ setting (the fast tokenizer keeps truncation as shared state; found by the wire 
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -44,3 +45,21 @@ def test_concurrent_truncate_flags_do_not_leak_between_calls(tmp_path: Path) -> 
     for t in threads:
         t.join()
     assert not errors, errors[:5]
+
+
+def test_admission_threads_tokenize_at_a_lower_priority_than_the_forward_pass() -> None:
+    """On a CPU device a tokenizer taking a core from torch's intra-op threads stalls them
+    all; the admission pool's threads run niced (MODELCACHE_ADMIT_NICE, default 19)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from modelcache.daemon.server import lower_thread_priority
+
+    def niceness() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    before = niceness()
+    with ThreadPoolExecutor(2, initializer=lower_thread_priority, initargs=(19,)) as pool:
+        assert set(pool.map(lambda _: niceness(), range(8))) == {19}
+    with ThreadPoolExecutor(1, initializer=lower_thread_priority, initargs=(0,)) as pool:
+        assert pool.submit(niceness).result() == before  # never raised, never lowered by 0
+    assert niceness() == before  # only the pool's own threads change

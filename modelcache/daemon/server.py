@@ -22,7 +22,9 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import signal
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -65,6 +67,24 @@ def server_credentials(settings: DaemonSettings) -> grpc.ServerCredentials | Non
     )
 
 
+def lower_thread_priority(nice: int) -> None:
+    """Run the calling thread at niceness ``nice`` (never higher priority than it had).
+
+    The admission threads tokenize the next requests while a batch runs. On a CPU device the
+    forward pass's intra-op threads use every core, and a tokenizer taking one of them stalls
+    all of them at the next barrier (measured on 2 cores: -15 to -25 % throughput). At a low
+    priority the tokenizers use what the pass leaves; on a GPU node they still get idle
+    cores at once. Linux applies setpriority to one thread when given its thread id.
+    """
+    tid = threading.get_native_id()
+    try:
+        current = os.getpriority(os.PRIO_PROCESS, tid)
+        if nice > current:
+            os.setpriority(os.PRIO_PROCESS, tid, nice)
+    except OSError as exc:  # e.g. a seccomp profile without setpriority: run as is
+        log.warning("cannot lower the priority of admission thread %d: %s", tid, exc)
+
+
 class DaemonServer:
     """One gRPC server over a prepared registry. ``start``/``stop`` run on its event loop."""
 
@@ -79,7 +99,12 @@ class DaemonServer:
     async def start(self) -> int:
         """Bind, start serving and return the port (useful with port 0)."""
         s = self.settings
-        self.executor = ThreadPoolExecutor(s.grpc_threads, thread_name_prefix="modelcache-admit")
+        self.executor = ThreadPoolExecutor(
+            s.grpc_threads,
+            thread_name_prefix="modelcache-admit",
+            initializer=lower_thread_priority,
+            initargs=(s.admit_nice,),
+        )
         self.servicer = ModelCacheServicer(self.registry, self.config.batching, self.executor)
         self.health = health.aio.HealthServicer()
         self.reporter = HealthReporter(
