@@ -13,7 +13,7 @@ import kopf
 from modelcache.metrics import OPERATOR_REGISTRY
 from modelcache.operator import handlers
 from modelcache.operator.reconcile import Outcome
-from modelcache.operator.status import CacheStatus
+from modelcache.operator.status import CacheStatus, Condition
 
 
 class _Reconciler:
@@ -22,11 +22,13 @@ class _Reconciler:
     def __init__(self, status: CacheStatus, gate: threading.Event | None = None) -> None:
         self.status = status
         self.calls: list[bool] = []
+        self.previous: list[dict[str, Any]] = []  # the status each converge started from
         self.gate = gate
         self.entered = threading.Event()
 
     def converge(self, body: Any, apply: bool = True) -> Outcome:
         self.calls.append(apply)
+        self.previous.append(dict(body.get("status") or {}))
         self.entered.set()
         if self.gate is not None:
             assert self.gate.wait(10)
@@ -63,17 +65,42 @@ def _busy() -> float:
     )
 
 
-def test_a_tick_holding_an_old_body_never_moves_observed_generation_back() -> None:
-    # The update handler has applied generation 2; the tick still sees generation 1's status.
+def test_a_tick_whose_body_is_older_than_the_handlers_status_starts_from_that_status() -> None:
+    # kopf applies the update handler's patch after the handler returns, and runs the timer
+    # beside it: the tick's body can still carry generation 1's status.
     stale = {"phase": "Degraded", "observedGeneration": 1, "configHash": "old"}
-    seen_by_tick = CacheStatus(phase="Progressing", observed_generation=1, config_hash="old")
-    memo = kopf.Memo(reconciler=_Reconciler(seen_by_tick))
+    applied = CacheStatus(
+        phase="Progressing",
+        observed_generation=2,
+        config_hash="new",
+        conditions=(
+            Condition(
+                type="Progressing", status="True", reason="RollingOut", observed_generation=2
+            ),
+        ),
+    )
+    memo = kopf.Memo(reconciler=_Reconciler(applied))
+    handlers.updated(body=_body("tick", stale), patch=kopf.Patch(), memo=memo)
     patch = kopf.Patch()
     handlers.refresh(body=_body("tick", stale), patch=patch, memo=memo)
-    assert memo.reconciler.calls == [False]  # observe only: the generation is not handled
-    assert patch["status"]["phase"] == "Progressing"
-    assert "observedGeneration" not in patch["status"]
-    assert "configHash" not in patch["status"]
+    assert memo.reconciler.calls == [True, True]  # generation 2 is handled: it may apply
+    previous = memo.reconciler.previous[1]
+    assert (previous["observedGeneration"], previous["configHash"]) == (2, "new")
+    assert previous["conditions"][0]["observedGeneration"] == 2
+    assert patch["status"]["observedGeneration"] == 2  # never written back to 1
+
+
+def test_a_tick_only_observes_until_the_generation_is_handled() -> None:
+    observed = CacheStatus(phase="Loading", observed_generation=1)
+    memo = kopf.Memo(reconciler=_Reconciler(observed))
+    handlers.refresh(
+        body=_body("new-spec", {"observedGeneration": 1}), patch=kopf.Patch(), memo=memo
+    )
+    assert memo.reconciler.calls == [False]
+    handlers.refresh(
+        body=_body("same-spec", {"observedGeneration": 2}), patch=kopf.Patch(), memo=memo
+    )
+    assert memo.reconciler.calls == [False, True]
 
 
 def test_a_handler_that_applied_writes_observed_generation() -> None:
@@ -106,9 +133,9 @@ def test_a_tick_stands_aside_while_a_handler_converges_the_same_object() -> None
     finally:
         gate.set()
         worker.join(10)
-    # Once the handler is done, the next tick runs.
+    # Once the handler is done, the next tick runs, from the status the handler computed.
     handlers.refresh(body=body, patch=kopf.Patch(), memo=memo)
-    assert slow.calls == [True, False]
+    assert slow.calls == [True, True] and slow.previous[1]["observedGeneration"] == 2
 
 
 def test_another_objects_tick_is_not_held_up() -> None:
@@ -139,4 +166,7 @@ def test_a_tick_that_ends_after_the_delete_does_not_bring_the_series_back() -> N
     assert _ready("gone") is None
     deleting = _body("gone", {"observedGeneration": 2}, deletionTimestamp="2026-11-23T00:00:00Z")
     handlers.refresh(body=deleting, patch=kopf.Patch(), memo=memo)
+    assert _ready("gone") is None
+    # The decision is taken under the gauges' lock, from the live body.
+    handlers._publish_phase("t-handlers", "gone", "Ready", deleting)
     assert _ready("gone") is None

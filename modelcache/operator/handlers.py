@@ -8,6 +8,7 @@ are set once, in the startup handler.
 
 from __future__ import annotations
 
+import copy
 import importlib.metadata
 import random
 import threading
@@ -115,8 +116,16 @@ def startup(
     )
 
 
-def _publish_phase(namespace: str, name: str, phase: str | None) -> None:
+def _publish_phase(
+    namespace: str, name: str, phase: str | None, body: kopf.Body | None = None
+) -> None:
+    """Set (or with ``None`` remove) one ModelCache's phase in the gauges. With ``body``,
+    an object being deleted is removed instead: a timer tick that ends after the delete
+    handler must not bring its series back (kopf marks the live body before it runs the
+    delete handler, and both sides decide under the lock)."""
     with _phases_lock:
+        if body is not None and body.metadata.get("deletionTimestamp"):
+            phase = None
         if phase is None:
             if _phases.pop((namespace, name), None) is not None:
                 MODELCACHE_READY.remove(namespace, name)
@@ -144,42 +153,62 @@ def _patch_status(patch: kopf.Patch, old: Mapping[str, Any], new: Mapping[str, A
             patch.status[key] = None
 
 
-# Status fields a converge that did not apply the children must leave alone. A timer's body
-# can be older than the status an update handler has just written (kopf runs timers beside
-# the change handlers and each patches on its own); writing these from it would move
-# observedGeneration back, and the timer only re-applies once it matches the generation.
-_APPLY_OWNED = ("observedGeneration", "configHash")
-
-
 def _object_lock(memo: kopf.Memo) -> threading.Lock:
-    """One lock per ModelCache (kopf gives each object its own memo): a converge never
-    observes the children while another one in this process is writing them."""
+    """One lock per ModelCache (kopf gives each object its own memo, shared by its handlers
+    and its timer): a converge never observes the children while another one in this
+    process is writing them."""
     lock: threading.Lock = memo.setdefault("converge_lock", threading.Lock())  # atomic
     return lock
 
 
-def _converge(
-    handler: str, body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, apply: bool = True
-) -> None:
+def _snapshot(body: kopf.Body, memo: kopf.Memo) -> dict[str, Any]:
+    """The object as this process knows it best, frozen for one converge.
+
+    kopf swaps the live body's contents on every watch event, so it is copied once. kopf
+    runs the timer beside the change handlers and applies each one's status patch only
+    after it returns: a tick can start after an update handler converged but before its
+    patch lands, holding the older status. Reading that as ``previous`` would write
+    observedGeneration (and the conditions) back to the old generation, and the timer only
+    re-applies once observedGeneration matches, so it would stay stale. The status this
+    process computed last (kept in the memo) is used instead when it is at least as new.
+    """
+    snap: dict[str, Any] = copy.deepcopy({key: body[key] for key in body})
+    stored = snap.get("status") or {}
+    last: dict[str, Any] | None = memo.get("last_status")
+    if last is not None and (last.get("observedGeneration") or 0) >= (
+        stored.get("observedGeneration") or 0
+    ):
+        snap["status"] = copy.deepcopy(last)
+    return snap
+
+
+def _converge(handler: str, body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo) -> None:
     lock = _object_lock(memo)
     if handler == "timer":
-        if not lock.acquire(blocking=False):  # a handler is converging: its status wins
+        if not lock.acquire(blocking=False):  # a handler is converging: it reports
             RECONCILE.labels(handler, "busy").inc()
             return
     else:
         lock.acquire()
     try:
-        _converge_locked(handler, body, patch, memo, apply)
+        _converge_locked(handler, body, patch, memo)
     finally:
         lock.release()
 
 
-def _converge_locked(
-    handler: str, body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, apply: bool
-) -> None:
+def _converge_locked(handler: str, body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo) -> None:
+    snap = _snapshot(body, memo)
+    apply = True
+    if handler == "timer":
+        # Once the handlers have applied the current generation the timer re-applies the
+        # children too (recreating one someone deleted); before that it only observes, so
+        # it never races a create/update handler that is applying a newer spec.
+        apply = (snap.get("status") or {}).get("observedGeneration") == snap["metadata"].get(
+            "generation"
+        )
     started, result = time.monotonic(), "retry"
     try:
-        outcome = memo.reconciler.converge(body, apply=apply)
+        outcome = memo.reconciler.converge(snap, apply=apply)
         result = "permanent_error" if outcome.rejected else "success"
     except ApiException as exc:
         delay = 30 if exc.status in (401, 403) else 5
@@ -189,21 +218,13 @@ def _converge_locked(
     finally:
         RECONCILE.labels(handler, result).inc()
         RECONCILE_DURATION.labels(handler).observe(time.monotonic() - started)
-    old, new = dict(body.get("status") or {}), outcome.status.to_patch()
-    if not apply:
-        for key in _APPLY_OWNED:
-            old.pop(key, None)
-            new.pop(key, None)
-    _patch_status(patch, old, new)
+    status = outcome.status.to_patch()
+    memo["last_status"] = status
+    _patch_status(patch, body.get("status") or {}, status)
     for event in outcome.events:
         kopf.event(body, type=event.type, reason=event.reason, message=event.message)
-    # A timer tick that was already running when the ModelCache was deleted must not bring
-    # back the series the delete handler removed.
-    deleting = bool(body.metadata.get("deletionTimestamp"))
     _publish_phase(
-        body.metadata.namespace or "",
-        body.metadata.name or "",
-        None if deleting else outcome.status.phase,
+        body.metadata.namespace or "", body.metadata.name or "", outcome.status.phase, body
     )
 
 
@@ -224,13 +245,8 @@ def resumed(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> No
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=_STATUS_INTERVAL, initial_delay=_STATUS_INTERVAL)
 def refresh(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
-    """Status from reality. Once the handlers have applied the current generation, it also
-    re-applies the children (recreating one someone deleted); before that it only observes,
-    so it never races a create/update handler that is applying a newer spec."""
-    handled = (body.get("status") or {}).get("observedGeneration") == body.metadata.get(
-        "generation"
-    )
-    _converge("timer", body, patch, memo, apply=handled)
+    """Status from reality (and the children re-applied once the handlers are done)."""
+    _converge("timer", body, patch, memo)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL)
