@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 import tiny_models
@@ -259,3 +260,24 @@ def test_read_threads_come_from_the_settings(monkeypatch: pytest.MonkeyPatch) ->
     assert weights.read_threads() == 3
     monkeypatch.delenv("MODELCACHE_READ_THREADS")
     assert 1 <= weights.read_threads() <= min(8, len(os.sched_getaffinity(0)))
+
+
+def test_no_thread_to_spare_means_a_sequential_read_not_a_failed_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from safetensors.torch import load_file
+
+    from modelcache.daemon import weights
+
+    class NoThreads(ThreadPoolExecutor):
+        def submit(self, *args: object, **kwargs: object) -> Any:
+            raise RuntimeError("can't start new thread")
+
+    path = tiny_models.gpt2(tmp_path / "gpt2") / "model.safetensors"
+    monkeypatch.setattr(weights, "ThreadPoolExecutor", NoThreads)
+    monkeypatch.setattr(weights, "READ_SPAN_BYTES", 4096)
+    got = weights.read_shard(weights.read_header(path), threads=4)
+    reference = load_file(str(path))
+    assert all(torch.equal(got[k], reference[k]) for k in reference)

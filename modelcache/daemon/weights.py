@@ -15,6 +15,7 @@ message that says which file and what is wrong instead of an opaque Rust panic.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import struct
@@ -27,6 +28,8 @@ import torch
 
 from modelcache.daemon.errors import ModelLoadError
 from modelcache.settings import DaemonSettings
+
+log = logging.getLogger(__name__)
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -178,6 +181,16 @@ def _read_span(fd: int, view: memoryview, start: int, end: int) -> int:
     return got - start
 
 
+def _read_spans(fd: int, view: memoryview, spans: list[tuple[int, int]], workers: int) -> int:
+    if workers > 1:
+        try:
+            with ThreadPoolExecutor(workers, thread_name_prefix="modelcache-read") as pool:
+                return sum(pool.map(lambda span: _read_span(fd, view, *span), spans))
+        except RuntimeError as exc:  # "can't start new thread": a pids limit, say
+            log.warning("parallel read unavailable (%s): reading sequentially", exc)
+    return sum(_read_span(fd, view, a, b) for a, b in spans)
+
+
 def read_shard(shard: Shard, threads: int | None = None) -> dict[str, torch.Tensor]:
     """Read a whole shard into owned memory and return zero-copy tensor views of it.
 
@@ -195,11 +208,7 @@ def read_shard(shard: Shard, threads: int | None = None) -> dict[str, torch.Tens
     try:
         fd = os.open(shard.path, os.O_RDONLY)
         try:
-            if workers <= 1:
-                got = sum(_read_span(fd, view, a, b) for a, b in spans)
-            else:
-                with ThreadPoolExecutor(workers, thread_name_prefix="modelcache-read") as pool:
-                    got = sum(pool.map(lambda span: _read_span(fd, view, *span), spans))
+            got = _read_spans(fd, view, spans, workers)
         finally:
             os.close(fd)
     except OSError as exc:
