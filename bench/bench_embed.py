@@ -125,6 +125,7 @@ class Daemon:
         self.config = config
         self._dir = tempfile.TemporaryDirectory(prefix="modelcache-bench-")
         self._channel: grpc.Channel | None = None
+        self.env: dict[str, str] = {}  # extra environment for the daemon process
 
     def __enter__(self) -> Daemon:
         from modelcache.client import ModelCacheClient
@@ -154,6 +155,7 @@ class Daemon:
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                env={**os.environ, **self.env},
             )
         self.pid = self.proc.pid
         try:

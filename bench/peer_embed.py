@@ -52,9 +52,13 @@ class ModelCacheTarget(load.Target):  # type: ignore[misc]
         [model] = config["models"]
         if self.args.model_dir:  # the folder the other targets load
             model["source"] = str(self.args.model_dir)
-        if self.args.threads:
-            os.environ["OMP_NUM_THREADS"] = str(self.args.threads)
-        self.daemon = await asyncio.to_thread(Daemon(config).__enter__)
+        daemon = Daemon(config)
+        if self.args.threads:  # as peerbench sets them for Infinity: the daemon's env only
+            daemon.env = {
+                "OMP_NUM_THREADS": str(self.args.threads),
+                "MKL_NUM_THREADS": str(self.args.threads),
+            }
+        self.daemon = await asyncio.to_thread(daemon.__enter__)
         load._STARTED.append(self)
         self.client = AsyncModelCacheClient(self.daemon.address, timeout=self.args.req_timeout)
         await self.client.__aenter__()
