@@ -29,8 +29,9 @@ class DaemonSettings(BaseSettings):
     watchdog_interval: float = Field(1.0, gt=0)
     grpc_max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     grpc_threads: int = Field(16, ge=1)
-    # Niceness of the threads that tokenize requests (see server.lower_thread_priority);
-    # 0 keeps them at the forward pass's priority.
-    admit_nice: int = Field(19, ge=0, le=19)
+    # Niceness of the threads that tokenize requests (see server.lower_thread_priority).
+    # Off by default: a niced thread preempted while it holds the GIL stalls the event loop
+    # (measured: refusals answered within 1 ms fell from 97 % to 70 % under overload).
+    admit_nice: int = Field(0, ge=0, le=19)
     # Threads reading a checkpoint shard in parallel spans; 0 = one per usable CPU, at most 8.
     read_threads: int = Field(0, ge=0, le=64)

@@ -4,6 +4,7 @@ tick can hold a body older than the status an update handler has just written.""
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from typing import Any
@@ -13,6 +14,7 @@ import kopf
 from modelcache.metrics import OPERATOR_REGISTRY
 from modelcache.operator import handlers
 from modelcache.operator.reconcile import Outcome
+from modelcache.operator.spec import GROUP
 from modelcache.operator.status import CacheStatus, Condition
 
 
@@ -35,7 +37,13 @@ class _Reconciler:
         return Outcome(self.status)
 
 
-def _body(name: str, status: dict[str, Any], generation: int = 2, **meta: Any) -> kopf.Body:
+def _body(
+    name: str,
+    status: dict[str, Any],
+    generation: int = 2,
+    spec: dict[str, Any] | None = None,
+    **meta: Any,
+) -> kopf.Body:
     raw = {
         "metadata": {
             "name": name,
@@ -44,7 +52,7 @@ def _body(name: str, status: dict[str, Any], generation: int = 2, **meta: Any) -
             "generation": generation,
             **meta,
         },
-        "spec": {},
+        "spec": spec or {},
         "status": status,
     }
     return kopf.Body(raw)  # type: ignore[arg-type]
@@ -170,3 +178,42 @@ def test_a_tick_that_ends_after_the_delete_does_not_bring_the_series_back() -> N
     # The decision is taken under the gauges' lock, from the live body.
     handlers._publish_phase("t-handlers", "gone", "Ready", deleting)
     assert _ready("gone") is None
+
+
+def _handled(storage: kopf.DiffBaseStorage, handled_spec: dict[str, Any], **body: Any) -> kopf.Body:
+    """The body as kopf leaves it once its handlers handled ``handled_spec``: with the
+    diff-base annotation of that spec (the body's own spec may differ)."""
+    essence = storage.build(body=_body(**{**body, "spec": handled_spec}))
+    key = f"{GROUP}/last-handled-configuration"
+    return _body(**body, annotations={key: json.dumps(essence)})
+
+
+def test_a_tick_catches_up_a_generation_no_handler_will_be_called_for() -> None:
+    """A spec edited and reverted within one kopf batch: the generation moves on, kopf sees
+    no change and calls no handler; the timer must not stay observe-only for ever."""
+    storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP, key="last-handled-configuration")
+    stale = {"observedGeneration": 1}
+    reverted = _handled(
+        storage,
+        {"models": ["a"]},
+        name="reverted",
+        status=stale,
+        generation=3,
+        spec={"models": ["a"]},
+    )
+    memo = kopf.Memo(reconciler=_Reconciler(CacheStatus(phase="Ready")), diffbase=storage)
+    handlers.refresh(body=reverted, patch=kopf.Patch(), memo=memo)
+    assert memo.reconciler.calls == [True]
+
+    # The update handler has not run yet for the edited spec: observe only.
+    edited = _handled(
+        storage,
+        {"models": ["a"]},
+        name="edited",
+        status=stale,
+        generation=2,
+        spec={"models": ["b"]},
+    )
+    memo = kopf.Memo(reconciler=_Reconciler(CacheStatus(phase="Ready")), diffbase=storage)
+    handlers.refresh(body=edited, patch=kopf.Patch(), memo=memo)
+    assert memo.reconciler.calls == [False]

@@ -47,9 +47,9 @@ def test_concurrent_truncate_flags_do_not_leak_between_calls(tmp_path: Path) -> 
     assert not errors, errors[:5]
 
 
-def test_admission_threads_tokenize_at_a_lower_priority_than_the_forward_pass() -> None:
+def test_niced_admission_threads_tokenize_below_the_forward_pass_priority() -> None:
     """On a CPU device a tokenizer taking a core from torch's intra-op threads stalls them
-    all; the admission pool's threads run niced (MODELCACHE_ADMIT_NICE, default 19)."""
+    all; with MODELCACHE_ADMIT_NICE the admission pool's threads run niced (opt-in)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from modelcache.daemon.server import lower_thread_priority

@@ -73,8 +73,10 @@ def lower_thread_priority(nice: int) -> None:
     The admission threads tokenize the next requests while a batch runs. On a CPU device the
     forward pass's intra-op threads use every core, and a tokenizer taking one of them stalls
     all of them at the next barrier (measured on 2 cores: -15 to -25 % throughput). At a low
-    priority the tokenizers use what the pass leaves; on a GPU node they still get idle
-    cores at once. Linux applies setpriority to one thread when given its thread id.
+    priority the tokenizers use what the pass leaves. The price: a niced thread preempted
+    while it holds the GIL keeps the event loop waiting, so refusals and health checks get
+    slower under load; hence opt-in (``MODELCACHE_ADMIT_NICE``), for throughput-bound CPU
+    serving. Linux applies setpriority to one thread when given its thread id.
     """
     tid = threading.get_native_id()
     try:

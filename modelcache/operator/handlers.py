@@ -93,6 +93,7 @@ def startup(
         kubernetes.config.load_kube_config()  # type: ignore[no-untyped-call]
     kube = Kube(kubernetes.client.ApiClient())
     memo.reconciler = Reconciler(kube, ops)
+    memo.diffbase = settings.persistence.diffbase_storage
     for namespace in memo.get("namespaces") or [None]:
         if kube.ensure_peering(ops.peering_name, namespace):
             logger.info(
@@ -182,6 +183,16 @@ def _snapshot(body: kopf.Body, memo: kopf.Memo) -> dict[str, Any]:
     return snap
 
 
+def _handler_pending(body: kopf.Body, memo: kopf.Memo) -> bool:
+    """Whether kopf will still call a create/update handler for this body: by kopf's own
+    rule, when the essence it last handled (the diff-base annotation) differs from now."""
+    storage: kopf.DiffBaseStorage | None = memo.get("diffbase")
+    if storage is None:
+        return True
+    last = storage.fetch(body=body)
+    return last is None or last != storage.build(body=body)
+
+
 def _converge(handler: str, body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo) -> None:
     lock = _object_lock(memo)
     if handler == "timer":
@@ -202,10 +213,13 @@ def _converge_locked(handler: str, body: kopf.Body, patch: kopf.Patch, memo: kop
     if handler == "timer":
         # Once the handlers have applied the current generation the timer re-applies the
         # children too (recreating one someone deleted); before that it only observes, so
-        # it never races a create/update handler that is applying a newer spec.
-        apply = (snap.get("status") or {}).get("observedGeneration") == snap["metadata"].get(
+        # it never races a create/update handler that is applying a newer spec. When kopf
+        # will call no handler for this body (a spec edited and reverted within one batch
+        # bumps the generation and changes nothing), the timer catches up itself.
+        handled = (snap.get("status") or {}).get("observedGeneration") == snap["metadata"].get(
             "generation"
         )
+        apply = handled or not _handler_pending(body, memo)
     started, result = time.monotonic(), "retry"
     try:
         outcome = memo.reconciler.converge(snap, apply=apply)
