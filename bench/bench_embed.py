@@ -31,21 +31,18 @@ import importlib.util
 import itertools
 import math
 import os
-import re
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
-import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from daemon_process import ServeProcess
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -118,72 +115,33 @@ def quiet(pids: list[int], threshold: float, max_wait: float) -> float:
             return other
 
 
-class Daemon:
-    """``modelcache serve`` in a subprocess on a free loopback port, stopped by its PID."""
+class Daemon(ServeProcess):
+    """``modelcache serve`` (tests/daemon_process.py's ServeProcess) in a temporary
+    directory, entered once every model serves, plus the batch counters this bench reports."""
 
-    def __init__(self, config: dict[str, Any], max_message_bytes: int = 64 << 20) -> None:
-        self.config = config
+    def __init__(self, config: dict[str, Any], env: dict[str, str] | None = None) -> None:
         self._dir = tempfile.TemporaryDirectory(prefix="modelcache-bench-")
+        super().__init__(config, Path(self._dir.name), env=env)
         self._channel: grpc.Channel | None = None
-        self.env: dict[str, str] = {}  # extra environment for the daemon process
 
     def __enter__(self) -> Daemon:
         from modelcache.client import ModelCacheClient
 
-        cfg = Path(self._dir.name) / "config.yaml"
-        cfg.write_text(yaml.safe_dump(self.config))
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.address = f"127.0.0.1:{self.port}"
-        self.log = Path(self._dir.name) / "daemon.log"
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "modelcache.cli",
-                    "serve",
-                    "--config",
-                    str(cfg),
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(self.port),
-                    "--metrics-port",
-                    "0",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, **self.env},
-            )
-        self.pid = self.proc.pid
+        self.start(timeout=600)
         try:
             with ModelCacheClient(self.address) as c:
                 c.wait_until_serving(timeout=600)
         except BaseException:
             self.__exit__()
             raise
-        found = re.search(r"metrics on http://127\.0\.0\.1:(\d+)/", self.log.read_text())
-        self.metrics_port = int(found.group(1)) if found else 0
         return self
 
     def batches(self) -> tuple[float, float, float]:
         """(forward batches, sequences, padded tokens) so far, from the daemon's /metrics."""
-        if not self.metrics_port:
-            return (0.0, 0.0, 0.0)
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as resp:
-            body = resp.read().decode()
-
-        def value(name: str) -> float:
-            found = re.search(rf"^{name}\{{[^}}]*\}} (\S+)$", body, re.MULTILINE)
-            return float(found.group(1)) if found else 0.0
-
         return (
-            value("modelcache_batch_size_count"),
-            value("modelcache_batch_size_sum"),
-            value("modelcache_batch_tokens_sum"),
+            self.metric("modelcache_batch_size_count"),
+            self.metric("modelcache_batch_size_sum"),
+            self.metric("modelcache_batch_tokens_sum"),
         )
 
     def stub(self) -> Any:
@@ -198,13 +156,7 @@ class Daemon:
     def __exit__(self, *exc: object) -> None:
         if self._channel is not None:
             self._channel.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        super().__exit__(*exc)
         self._dir.cleanup()
 
 

@@ -52,13 +52,9 @@ class ModelCacheTarget(load.Target):  # type: ignore[misc]
         [model] = config["models"]
         if self.args.model_dir:  # the folder the other targets load
             model["source"] = str(self.args.model_dir)
-        daemon = Daemon(config)
-        if self.args.threads:  # as peerbench sets them for Infinity: the daemon's env only
-            daemon.env = {
-                "OMP_NUM_THREADS": str(self.args.threads),
-                "MKL_NUM_THREADS": str(self.args.threads),
-            }
-        self.daemon = await asyncio.to_thread(daemon.__enter__)
+        threads = str(self.args.threads or "")  # as peerbench sets them for Infinity
+        env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads} if threads else None
+        self.daemon = await asyncio.to_thread(Daemon(config, env).__enter__)
         load._STARTED.append(self)
         self.client = AsyncModelCacheClient(self.daemon.address, timeout=self.args.req_timeout)
         await self.client.__aenter__()
@@ -71,9 +67,9 @@ class ModelCacheTarget(load.Target):  # type: ignore[misc]
     async def metric_names(self) -> list[str] | None:
         import urllib.request
 
-        if self.daemon is None or not self.daemon.metrics_port:
+        if self.daemon is None:
             return None
-        url = f"http://127.0.0.1:{self.daemon.metrics_port}/metrics"
+        url = self.daemon.metrics_url()
         text = await asyncio.to_thread(
             lambda: urllib.request.urlopen(url, timeout=10).read().decode()
         )
