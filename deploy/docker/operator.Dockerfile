@@ -8,14 +8,21 @@
 # their dependencies pinned by constraints.txt), and modelcache itself without its
 # dependencies. tests/test_dockerfiles.py checks that every module the operator imports
 # comes from these packages. Runs as a non-root uid on a read-only root filesystem.
+#
+# PYTHON_IMAGE is any image with Python 3.11, venv and pip (python:3.11-slim, Debian
+# bookworm's python3 + python3-venv). Offline builds (hack/kube-node.sh images, with buildah):
+# PIP_NO_INDEX=1 PIP_FIND_LINKS=/wheels and a wheelhouse mounted at /wheels.
 
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 
 # ---------------------------------------------------------------------------- build
 FROM ${PYTHON_IMAGE} AS build
+# Set only for offline builds (read by pip from the environment).
+ARG PIP_NO_INDEX
+ARG PIP_FIND_LINKS
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
-RUN python -m venv /opt/venv
+RUN python3 -m venv /opt/venv
 WORKDIR /src
 COPY pyproject.toml constraints.txt README.md ./
 RUN /opt/venv/bin/pip install --no-cache-dir -c constraints.txt \
