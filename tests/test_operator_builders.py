@@ -3,6 +3,7 @@ Service, Deployment) of a ModelCache, the commands its containers run, and the R
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,7 @@ def test_every_child_has_owner_reference_labels_and_namespace() -> None:
     assert [k["kind"] for k in kids] == [
         "ConfigMap",
         "PersistentVolumeClaim",
+        "Service",
         "Service",
         "Deployment",
     ]
@@ -109,6 +111,14 @@ def test_deployment_downloads_hub_models_and_serves_offline_read_only() -> None:
     svc = builders.build_service(s, OWNER)
     assert svc["spec"]["selector"] == selector and svc["spec"]["clusterIP"] == "None"
     assert [p["port"] for p in svc["spec"]["ports"]] == [50051, 9400]
+    # the ClusterIP Service: same pods, the gRPC port only, a virtual IP the cluster assigns
+    vip = builders.build_cluster_ip_service(s, OWNER)
+    assert vip["metadata"]["name"] == "cache-clusterip"
+    assert vip["spec"]["selector"] == selector and vip["spec"]["type"] == "ClusterIP"
+    assert "clusterIP" not in vip["spec"]
+    assert [(p["name"], p["port"], p["targetPort"]) for p in vip["spec"]["ports"]] == [
+        ("grpc", 50051, "grpc")
+    ]
 
 
 def test_built_commands_are_accepted_by_the_real_cli() -> None:
@@ -260,3 +270,27 @@ def test_pvcs_are_only_ever_grown() -> None:
     assert _grow_pvc(pvc("10Gi"), pvc("10240Mi")) is None
     grown = _grow_pvc(pvc("10Gi"), pvc("20G"))
     assert grown is not None and grown["spec"]["resources"]["requests"]["storage"] == "20G"
+
+
+def test_a_changed_cluster_ip_service_keeps_its_virtual_ip() -> None:
+    """A replace without spec.clusterIP is refused by the API server (immutable field)."""
+    from modelcache.operator.children import APPLIED_HASH, plan_child
+
+    desired = builders.build_cluster_ip_service(spec(ports={"grpc": 6000}), OWNER)
+    actual = copy.deepcopy(builders.build_cluster_ip_service(spec(), OWNER))
+    actual["metadata"].update(
+        resourceVersion="7", annotations={APPLIED_HASH: "old", "modelcache.io/generation": "1"}
+    )
+    actual["spec"].update(clusterIP="10.96.3.4", clusterIPs=["10.96.3.4"])
+
+    class Kube:
+        def read(self, kind: str, namespace: str, name: str) -> dict[str, Any]:
+            assert (kind, namespace, name) == ("Service", "ns1", "cache-clusterip")
+            return actual
+
+    plan = plan_child(Kube(), desired, "uid-1", generation=2)  # type: ignore[arg-type]
+    assert plan.body is not None and not plan.create
+    assert plan.body["spec"]["clusterIP"] == "10.96.3.4"
+    assert plan.body["spec"]["clusterIPs"] == ["10.96.3.4"]
+    assert plan.body["spec"]["ports"][0]["port"] == 6000
+    assert plan.body["metadata"]["resourceVersion"] == "7"

@@ -1,8 +1,8 @@
-"""Pure builders of a ModelCache's children: ConfigMap, PersistentVolumeClaim, Service, Deployment.
+"""Pure builders of a ModelCache's children: ConfigMap, PersistentVolumeClaim, Services, Deployment.
 
 Each takes the validated spec and the owner's identity and returns a plain manifest dict; no
 API calls, so every field is unit-tested without a cluster and a reconcile either has all
-four manifests or none (no partial children). The daemon config is rendered through the
+its manifests or none (no partial children). The daemon config is rendered through the
 daemon's own parser (``parse_config``), so the operator cannot write a file the daemon
 refuses. Two hashes drive rollouts: ``config-hash`` (the config file's bytes, which the pod
 template does not otherwise contain) and ``template-hash`` (the whole pod template), which
@@ -145,6 +145,10 @@ def build_pvc(spec: ModelCacheSpec, owner: Owner) -> Manifest | None:
     }
 
 
+def cluster_ip_service_name(name: str) -> str:
+    return f"{name}-clusterip"
+
+
 def build_service(spec: ModelCacheSpec, owner: Owner) -> Manifest:
     """Headless: DNS returns every ready pod, so gRPC clients balance across replicas."""
     return {
@@ -169,6 +173,31 @@ def build_service(spec: ModelCacheSpec, owner: Owner) -> Manifest:
                     "targetPort": "metrics",
                     "protocol": "TCP",
                     "appProtocol": "http",
+                },
+            ],
+        },
+    }
+
+
+def build_cluster_ip_service(spec: ModelCacheSpec, owner: Owner) -> Manifest:
+    """One virtual IP for the gRPC port, balanced per connection by kube-proxy: for clients
+    that cannot balance over DNS answers (grpcurl, other languages' defaults, port-forward,
+    an Ingress or a mesh). Only Ready pods are behind it. No metrics port: metrics are per
+    pod (the headless Service and the PodMonitor scrape each one)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(owner, cluster_ip_service_name(owner.name)),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector_labels(owner.name),
+            "ports": [
+                {
+                    "name": "grpc",
+                    "port": spec.ports.grpc,
+                    "targetPort": "grpc",
+                    "protocol": "TCP",
+                    "appProtocol": "grpc",
                 },
             ],
         },
@@ -269,5 +298,6 @@ def build_children(spec: ModelCacheSpec, owner: Owner) -> list[Manifest]:
         build_configmap(spec, owner),
         *([pvc] if pvc else []),
         build_service(spec, owner),
+        build_cluster_ip_service(spec, owner),
         build_deployment(spec, owner),
     ]

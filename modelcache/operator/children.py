@@ -124,6 +124,11 @@ def plan_child(kube: Kube, desired: Manifest, owner_uid: str, generation: int) -
         **(body["metadata"].get("labels") or {}),
     }
     body["metadata"]["resourceVersion"] = actual_meta["resourceVersion"]
+    if kind == "Service":
+        # The allocated virtual IP is immutable: a replace must carry it over.
+        for key in ("clusterIP", "clusterIPs"):
+            if key in (actual.get("spec") or {}) and key not in body["spec"]:
+                body["spec"][key] = actual["spec"][key]
     return Plan(Applied(kind, name, UPDATED, previous), body)
 
 
