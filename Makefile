@@ -40,7 +40,7 @@ test: $(STAMP) system-deps
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check modelcache tests bench
 	$(BIN)/mypy
-	bash hack/kube-control-plane.sh build
+	bash hack/kube-node.sh build
 	$(BIN)/pytest -q -ra --tb=short --durations=15
 
 clean:

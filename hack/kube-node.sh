@@ -9,8 +9,9 @@
 #                               cgroupfs) -> node Ready -> kube-proxy (iptables)
 #   hack/kube-node.sh images    build modelcache:dev (the daemon, CPU variant) and
 #                               modelcache-operator:dev from deploy/docker/*.Dockerfile on a
-#                               debootstrapped bookworm base, import them into containerd;
-#                               a no-op when a hash of their inputs has not changed
+#                               debootstrapped bookworm base, import them into containerd
+#                               (or, when the node is down, at the next `up`); a no-op when
+#                               a hash of their inputs has not changed
 #   hack/kube-node.sh env       prints: export KUBECONFIG=... PATH=...
 #   hack/kube-node.sh status    exit 0 when every component runs and the node is Ready
 #   hack/kube-node.sh down      stop everything; no process, mount, veth, netns, cgroup or
@@ -71,7 +72,6 @@ cmd_build() {
 cmd_images() {
   as_root true
   mkdir -p "$LOGS" "$RUN"
-  pid_of containerd >/dev/null || die "the node is not up: run 'hack/kube-node.sh up' first"
   buildah_setup
   trap buildah_cleanup EXIT
   build_base
@@ -84,9 +84,13 @@ cmd_images() {
   build_project_image modelcache-operator deploy/docker/operator.Dockerfile "$OPERATOR_IMAGE" \
     "PYTHON_IMAGE=$BASE_IMAGE_TAG" PIP_NO_INDEX=1 PIP_FIND_LINKS=/wheels
   local operator_tar="$IMAGE_TAR"
-  import_image "$daemon_tar" "$DAEMON_IMAGE"
-  import_image "$operator_tar" "$OPERATOR_IMAGE"
-  log "images in containerd: ${DAEMON_IMAGE#docker.io/library/} ${OPERATOR_IMAGE#docker.io/library/}"
+  if pid_of containerd >/dev/null; then
+    import_image "$daemon_tar" "$DAEMON_IMAGE"
+    import_image "$operator_tar" "$OPERATOR_IMAGE"
+    log "images in containerd: ${DAEMON_IMAGE#docker.io/library/} ${OPERATOR_IMAGE#docker.io/library/}"
+  else
+    log "images built; the next 'hack/kube-node.sh up' imports them"
+  fi
 }
 
 cmd_env() {

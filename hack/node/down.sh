@@ -18,8 +18,8 @@ node_drain() {
   done
 }
 
-# Every rule that jumps to a KUBE-*/CNI-* chain, then those chains (kubelet, kube-proxy and
-# CNI portmap create them; `kube-proxy --cleanup` leaves some).
+# Every rule that jumps to a KUBE-*/CNI-*/MCNODE-* chain, then those chains (kubelet,
+# kube-proxy, CNI portmap and up.sh create them; `kube-proxy --cleanup` leaves some).
 iptables_cleanup() {
   local ipt table
   for ipt in iptables ip6tables; do
@@ -32,12 +32,12 @@ for line in sys.stdin:
     line = line.strip()
     if line.startswith(":"):
         name = line[1:].split()[0]
-        if name.startswith(("KUBE-", "CNI-")):
+        if name.startswith(("KUBE-", "CNI-", "MCNODE-")):
             chains.append(name)
     elif line.startswith("-A "):
         words = shlex.split(line)
-        if not words[1].startswith(("KUBE-", "CNI-")) and any(
-            w.startswith(("KUBE-", "CNI-")) for w in words[2:]
+        if not words[1].startswith(("KUBE-", "CNI-", "MCNODE-")) and any(
+            w.startswith(("KUBE-", "CNI-", "MCNODE-")) for w in words[2:]
         ):
             rules.append(" ".join(shlex.quote(w) for w in words[1:]))
 for r in rules:

@@ -203,7 +203,9 @@ build_project_image() {
   } | sha)"
   tar="$IMAGES_DIR/$name-$key.tar"
   IMAGE_TAR="$tar"
+  printf '%s\n%s\n' "$tar" "$image" >"$IMAGES_DIR/$name.current.tmp"
   if [[ -f $tar ]]; then
+    mv "$IMAGES_DIR/$name.current.tmp" "$IMAGES_DIR/$name.current"
     log "$image: inputs unchanged ($name-$key)"
     return 0
   fi
@@ -218,6 +220,7 @@ build_project_image() {
     die "building $image failed (log: $LOGS/build-$name.log)"
   fi
   push_archive "localhost/$name:dev" "$image" "$tar"
+  mv "$IMAGES_DIR/$name.current.tmp" "$IMAGES_DIR/$name.current"
   find "$IMAGES_DIR" -maxdepth 1 -name "$name-*.tar" ! -name "$(basename "$tar")" -delete
   # Layers of earlier builds: the tar is what the node imports.
   "${B[@]}" rmi --prune >/dev/null 2>&1 || true
@@ -234,4 +237,15 @@ import_image() {
   log "importing $name into containerd"
   "${CTR[@]}" images import "$tar" >/dev/null || die "ctr images import $tar failed"
   echo "$tar" >"$stamp"
+}
+
+# import_built_images: the latest tars `images` built (IMAGES_DIR/NAME.current: tar, name).
+import_built_images() {
+  local current tar name
+  for current in "$IMAGES_DIR"/*.current; do
+    [[ -f $current ]] || continue
+    { read -r tar; read -r name; } <"$current"
+    [[ -f $tar ]] && import_image "$tar" "$name"
+  done
+  return 0
 }

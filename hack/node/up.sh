@@ -6,7 +6,8 @@
 # runs already is kept.
 
 NODE_SYSCTLS=(kernel.panic kernel.panic_on_oops vm.overcommit_memory vm.panic_on_oom
-  kernel.keys.root_maxkeys kernel.keys.root_maxbytes net.ipv4.conf.all.route_localnet)
+  kernel.keys.root_maxkeys kernel.keys.root_maxbytes net.ipv4.conf.all.route_localnet
+  net.ipv4.ip_forward)
 # Created outside the state dir by kubelet (hardcoded), containerd's shims and go-cni: `down`
 # removes those that did not exist before the first `up`.
 NODE_OUTSIDE_DIRS=(/var/log/pods /var/log/containers /run/containerd /var/lib/cni
@@ -66,6 +67,17 @@ node_network() {
   # Host -> ClusterIP traffic goes onto the bridge with source $GW (which pods can answer:
   # they have no default route), never to the machine's default route.
   ip route replace "$SERVICE_CIDR" dev "$BRIDGE" src "$GW"
+  # The CNI bridge plugin turns net.ipv4.ip_forward on (always, at the first pod). Pods have
+  # no route off the machine, but a pod with a raw socket could still hand the host a packet
+  # for elsewhere: nothing is forwarded between the bridge and any other interface. In the
+  # mangle table, which kube-proxy and the kubelet leave alone, so their rules cannot come
+  # first.
+  iptables -w -t mangle -N MCNODE-FORWARD 2>/dev/null || true
+  iptables -w -t mangle -F MCNODE-FORWARD
+  iptables -w -t mangle -A MCNODE-FORWARD -i "$BRIDGE" ! -o "$BRIDGE" -j DROP
+  iptables -w -t mangle -A MCNODE-FORWARD ! -i "$BRIDGE" -o "$BRIDGE" -j DROP
+  iptables -w -t mangle -C FORWARD -j MCNODE-FORWARD 2>/dev/null \
+    || iptables -w -t mangle -I FORWARD 1 -j MCNODE-FORWARD
   echo "$NODE_STATE" >"$OWNER_FILE"
 }
 
@@ -83,6 +95,7 @@ node_containerd() {
     wait_until 60 "containerd" containerd -- "${CTR[@]}" version
   fi
   import_image "$PAUSE_TAR" "$PAUSE_IMAGE"
+  import_built_images
 }
 
 node_kubelet() {
