@@ -159,6 +159,7 @@ def children(admin: client.ApiClient, ns: str, name: str) -> dict[str, Any]:
             f"{name}-models", ns
         ),
         "Service": lambda: core.read_namespaced_service(name, ns),
+        "ClusterIPService": lambda: core.read_namespaced_service(f"{name}-clusterip", ns),
         "Deployment": lambda: apps.read_namespaced_deployment(name, ns),
     }
     out: dict[str, Any] = {}

@@ -199,7 +199,7 @@ def test_end_to_end(
             else None
         ),
     )
-    assert len(by_reason["Created"]) == 4
+    assert len(by_reason["Created"]) == 5  # ConfigMap, PVC, two Services, Deployment
     assert by_reason["ModelFailed"][0].type == "Warning"
     assert "model good ready in" in by_reason["ModelReady"][0].message
     assert {e.reporting_instance for es in by_reason.values() for e in es} == {"op-a"}

@@ -127,13 +127,13 @@ def test_operator_restart_mid_reconcile_duplicates_nothing(
     wait_for("one ReplicaSet", lambda: len(apps.list_namespaced_replica_set(ns).items) == 1)
     core = client.CoreV1Api(admin)
     labels = "app.kubernetes.io/instance=cache"
-    for listing in (
-        core.list_namespaced_config_map,
-        core.list_namespaced_service,
-        core.list_namespaced_persistent_volume_claim,
-        apps.list_namespaced_deployment,
+    for listing, count in (
+        (core.list_namespaced_config_map, 1),
+        (core.list_namespaced_service, 2),  # headless + NAME-clusterip
+        (core.list_namespaced_persistent_volume_claim, 1),
+        (apps.list_namespaced_deployment, 1),
     ):
-        assert len(listing(ns, label_selector=labels).items) == 1
+        assert len(listing(ns, label_selector=labels).items) == count
     # the Deployment controller annotates the Deployment once: let it, then take a snapshot
     wait_for(
         "the Deployment's revision annotation",
