@@ -88,12 +88,21 @@ class ModelSpec(_Strict):
         return re.match(HUB_ID_PATTERN, s) is not None and "/" in s
 
 
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+
+
 class DaemonConfig(_Strict):
-    """The whole file. ``model_root`` confines relative sources and hub caches."""
+    """The whole file. ``model_root`` confines relative sources and hub caches.
+
+    A running ``modelcache serve`` re-reads it when it changes (or on SIGHUP) and applies the
+    difference live: see modelcache.daemon.changes. ``log_level`` (unset: the process's
+    ``--log-level`` / MODELCACHE_LOG_LEVEL) is here so that it, too, changes without a
+    restart."""
 
     models: Annotated[tuple[ModelSpec, ...], Field(min_length=1)]
     model_root: Path | None = None
     batching: BatchingConfig = BatchingConfig()
+    log_level: LogLevel | None = None
 
     @field_validator("models")
     @classmethod

@@ -127,6 +127,13 @@ WORKER_RESTARTS = Counter(
     ["model"],
     registry=DAEMON_REGISTRY,
 )
+CONFIG_RELOADS = Counter(
+    "modelcache_config_reloads",
+    "Changed configuration files the daemon read: applied, invalid (kept the running one), "
+    "unreadable, or error (applying raised).",
+    ["result"],
+    registry=DAEMON_REGISTRY,
+)
 DEVICE_MEMORY_BYTES = Gauge(
     "modelcache_device_memory_bytes",
     "Memory on a device: kind=allocated|reserved|total (CUDA) or rss (process, cpu).",
@@ -179,3 +186,24 @@ OPERATOR_BUILD_INFO = Gauge(
 
 def python_version() -> str:
     return platform.python_version()
+
+
+def forget_model(name: str) -> None:
+    """Remove a model's gauge series (loaded, weight bytes, queue depth): for a model that is
+    no longer configured they would report a state that no longer exists. Counters and
+    histograms stay; they only ever describe the past."""
+    for gauge in (MODEL_LOADED, MODEL_WEIGHT_BYTES, QUEUE_DEPTH):
+        for family in gauge.collect():
+            for sample in family.samples:
+                if sample.labels.get("model") == name:
+                    gauge.remove(*sample.labels.values())
+
+
+def record_served(name: str, device: str, weight_bytes: int) -> None:
+    """A model serves (new) weights: loaded 1 and its bytes on its device only."""
+    for family in MODEL_WEIGHT_BYTES.collect():
+        for sample in family.samples:
+            if sample.labels.get("model") == name and sample.labels.get("device") != device:
+                MODEL_WEIGHT_BYTES.remove(*sample.labels.values())
+    MODEL_WEIGHT_BYTES.labels(model=name, device=device).set(weight_bytes)
+    MODEL_LOADED.labels(model=name).set(1)

@@ -35,3 +35,11 @@ class DaemonSettings(BaseSettings):
     admit_nice: int = Field(0, ge=0, le=19)
     # Threads reading a checkpoint shard in parallel spans; 0 = one per usable CPU, at most 8.
     read_threads: int = Field(0, ge=0, le=64)
+    # Seconds between looks at the config file (a ConfigMap volume changes by a symlink
+    # swap); 0: never re-read it (SIGHUP still does).
+    config_poll_s: float = Field(2.0, ge=0)
+    # A failed load is retried after retry_initial_s, doubling up to retry_max_s.
+    retry_initial_s: float = Field(5.0, gt=0)
+    retry_max_s: float = Field(300.0, gt=0)
+    # /livez fails when the event loop has not run for this many seconds.
+    liveness_loop_stall_s: float = Field(30.0, gt=0)

@@ -88,6 +88,9 @@ def test_close_fails_queued_waiters_instead_of_hanging(
     r.prepare()
     running = r.load_async("a")
     queued = r.load_async("b")
+    deadline = time.monotonic() + 10  # "a" is running (not merely queued) when close() comes
+    while r.entry("a").state is not ModelState.LOADING and time.monotonic() < deadline:
+        time.sleep(0.01)
     r.close()
     with pytest.raises(ModelLoadError, match="shutting down"):
         queued.result(timeout=5)

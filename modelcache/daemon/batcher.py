@@ -163,6 +163,7 @@ class Batcher:
         self._expected = 0  # requests being tokenized for this batcher
         self._running: list[_Seq] = []
         self._stopping = False
+        self._draining = False
         self._thread: threading.Thread | None = None
         self._died = threading.Event()
         self.failure = ""  # set when the batcher gave up; requests are refused
@@ -186,6 +187,7 @@ class Batcher:
             and not self._died.is_set()
             and not self.failure
             and not self._stopping
+            and not self._draining
             and not self.stalled()
         )
 
@@ -197,7 +199,7 @@ class Batcher:
 
     def dead(self) -> bool:
         """The worker ended without being asked to: the watchdog should act."""
-        if self._stopping or self.failure or self._thread is None:
+        if self._stopping or self._draining or self.failure or self._thread is None:
             return False
         return self._died.is_set() or not self._thread.is_alive()
 
@@ -222,6 +224,26 @@ class Batcher:
             s.job.fail(BatcherStopped(f"model {self.name} is shutting down"))
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
+
+    def drain(self, timeout: float) -> bool:
+        """Refuse new requests but compute every admitted one (and those being tokenized
+        now, announced with ``expect``), then stop: how a removed or replaced model leaves.
+        After ``timeout`` seconds what is left is failed as by ``stop``. True when drained."""
+        with self._cond:
+            self._draining = True
+            self._cond.notify_all()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+        drained = thread is None or not thread.is_alive()
+        self.stop(timeout=5.0)
+        return drained
+
+    def reconfigure(self, cfg: BatchingConfig) -> None:
+        """New batching limits, from the next batch on (the daemon's config changed)."""
+        with self._cond:
+            self.cfg = cfg
+            self._cond.notify_all()
 
     # -- admission (any thread) ------------------------------------------------------
     def has_room(self, n: int) -> bool:
@@ -254,7 +276,7 @@ class Batcher:
                 self._expected -= 1
             if self.failure:
                 raise BatcherFailed(self.failure)
-            if self._stopping:
+            if self._stopping or (self._draining and not announced):
                 raise BatcherStopped(f"model {self.name} is shutting down")
             if not self.has_room(len(items)):
                 raise QueueFull(
@@ -296,7 +318,7 @@ class Batcher:
                 )
                 for s in running:
                     s.job.fail(err)
-            if not self._stopping:
+            if not (self._stopping or self._draining):
                 self._died.set()
                 if self._on_death is not None:
                     self._on_death()
@@ -306,6 +328,8 @@ class Batcher:
         with self._cond:
             while True:
                 while not self._pending and not self._stopping:
+                    if self._draining and self._expected <= 0:
+                        return None  # drained: everything admitted was computed
                     self._cond.wait()
                 if self._stopping:
                     return None

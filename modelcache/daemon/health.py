@@ -43,6 +43,7 @@ from modelcache.metrics import DEVICE_MEMORY_BYTES, WORKER_RESTARTS
 log = logging.getLogger(__name__)
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
 Served = Callable[[], dict[str, ServedModel]]
 MAX_RESTARTS = 5
 RESTART_WINDOW_S = 60.0
@@ -58,6 +59,7 @@ class HealthReporter:
     ) -> None:
         self.servicer, self.registry, self.served, self.loop = servicer, registry, served, loop
         self.closed = False
+        self._published: set[str] = set()
 
     def statuses(self) -> dict[str, int]:
         served = self.served()
@@ -71,7 +73,12 @@ class HealthReporter:
         return out
 
     async def publish(self) -> None:
-        for service, status in self.statuses().items():
+        statuses = self.statuses()
+        # A model no longer configured: its watchers hear SERVICE_UNKNOWN (grpc.health.v1).
+        for gone in self._published - statuses.keys():
+            await self.servicer.set(gone, SERVICE_UNKNOWN)
+        self._published = set(statuses)
+        for service, status in statuses.items():
             await self.servicer.set(service, status)
 
     def refresh(self) -> concurrent.futures.Future[None] | None:

@@ -29,9 +29,7 @@ from modelcache.metrics import (
     BUILD_INFO,
     META_TENSOR_ERRORS,
     MODEL_LOAD_SECONDS,
-    MODEL_LOADED,
     MODEL_LOADS,
-    MODEL_WEIGHT_BYTES,
 )
 
 __all__ = [
@@ -183,8 +181,10 @@ def _load(prepared: PreparedModel, stages: dict[str, float]) -> LoadedModel:
 
 
 def count_failure(name: str, error_class: str) -> None:
+    """One failed attempt (modelcache_model_loads_total{outcome=<class>}). Whether the model
+    serves (modelcache_model_loaded) is the registry's to say: an update that fails leaves
+    the old weights serving."""
     MODEL_LOADS.labels(model=name, outcome=error_class).inc()
-    MODEL_LOADED.labels(model=name).set(0)
 
 
 def load_model(prepared: PreparedModel) -> LoadedModel:
@@ -219,6 +219,4 @@ def load_model(prepared: PreparedModel) -> LoadedModel:
     for stage, seconds in stages.items():
         MODEL_LOAD_SECONDS.labels(model=name, stage=stage).observe(seconds)
     MODEL_LOADS.labels(model=name, outcome="success").inc()
-    MODEL_LOADED.labels(model=name).set(1)
-    MODEL_WEIGHT_BYTES.labels(model=name, device=str(loaded.device)).set(loaded.weight_bytes)
     return loaded

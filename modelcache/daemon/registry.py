@@ -4,12 +4,21 @@ Guarantees (see seeds 000 and 003):
 - one load per model, whatever the number of callers: every caller of ``get``/``aget``
   for a model that is not loaded waits on the same Future and receives the same object
   or the same exception;
-- loads never overlap: they run one at a time on a single loader thread (and under the
-  process-wide lock in ``loader``), because transformers' loading patches process
-  globals;
-- a failed load is recorded, not cached forever: the next ``get`` retries it;
+- loads never overlap: they run one at a time on a single loader thread (loadthread.py,
+  and under the process-wide lock in ``loader``), because transformers' loading patches
+  process globals;
+- a failed load is recorded, not cached forever: it is retried on a capped exponential
+  backoff (``Backoff``; the attempts and the next retry are in the entry), and the next
+  ``get`` retries it at once;
 - transformers and every model's config and class are resolved on the main thread, in
-  ``prepare()``, before any worker thread exists (the lazy-import race of seed 003).
+  ``prepare()``, before any worker thread exists (the lazy-import race of seed 003); models
+  added later are resolved on the loader thread, under the load lock.
+
+The set changes at run time with ``apply(config)`` (see changes.py): added models load;
+removed ones leave the registry at once (listeners hear REMOVED and drain them); a changed
+model keeps its loaded weights READY while the new spec loads (``ModelEntry.update``), and
+only a verified load replaces them; unchanged models are not touched. A load started for a
+spec that changed meanwhile is discarded and the current spec is loaded instead.
 """
 
 from __future__ import annotations
@@ -21,10 +30,11 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from concurrent.futures import Future
+from dataclasses import dataclass, field, replace
 
 from modelcache.config import DaemonConfig, ModelSpec
+from modelcache.daemon.changes import ConfigChanges, diff
 from modelcache.daemon.errors import ModelLoadError
 from modelcache.daemon.globalstate import LOAD_LOCK
 from modelcache.daemon.loader import (
@@ -34,6 +44,8 @@ from modelcache.daemon.loader import (
     load_model,
     prepare_model,
 )
+from modelcache.daemon.loadthread import Backoff, LoadThread, RetryTimers
+from modelcache.metrics import MODEL_LOADED, record_served
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +55,18 @@ class ModelState(enum.Enum):
     LOADING = "loading"
     READY = "ready"
     FAILED = "failed"
+    REMOVED = "removed"  # only ever heard by listeners: the entry is gone
 
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """A point-in-time view of one configured model, safe to hand to other threads."""
+    """A point-in-time view of one configured model, safe to hand to other threads.
+
+    ``spec`` is what is served when READY, else what is being loaded. ``update`` is a
+    changed spec being loaded (or failing to) while ``spec``'s weights keep serving.
+    ``failures`` counts consecutive failed attempts at the wanted spec; ``next_retry``
+    (time.time()) is when the next automatic attempt runs, None when none is scheduled.
+    """
 
     spec: ModelSpec
     state: ModelState
@@ -55,6 +74,13 @@ class ModelEntry:
     error: str = ""
     error_class: str = ""
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    failures: int = 0
+    next_retry: float | None = None
+    update: ModelSpec | None = None
+
+    @property
+    def wanted(self) -> ModelSpec:
+        return self.update or self.spec
 
 
 Listener = Callable[[str, ModelState], None]
@@ -73,47 +99,47 @@ def _prepare(spec: ModelSpec, config: DaemonConfig) -> PreparedModel:
 
 
 class ModelRegistry:
-    def __init__(self, config: DaemonConfig) -> None:
+    def __init__(self, config: DaemonConfig, backoff: Backoff | None = None) -> None:
+        """``backoff`` None: no automatic retries (``modelcache preload``)."""
         self.config = config
+        self.backoff = backoff
         self._lock = threading.Lock()
         self._entries = {
             m.name: ModelEntry(spec=m, state=ModelState.PENDING) for m in config.models
         }
-        self._prepared: dict[str, PreparedModel | ModelLoadError] = {}
+        self._generation = dict.fromkeys(self._entries, 0)  # bumped when the wanted spec moves
+        self._prepared: dict[str, tuple[ModelSpec, PreparedModel]] = {}
         self._inflight: dict[str, Future[LoadedModel]] = {}
         self._listeners: list[Listener] = []
-        self._running: set[str] = set()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="modelcache-loader")
-        self.load_count: dict[str, int] = {m.name: 0 for m in config.models}
+        self._loader = LoadThread(self._run_load)
+        self._timers = RetryTimers()
+        self.load_count: dict[str, int] = dict.fromkeys(self._entries, 0)
 
     # -- set-up, main thread only ---------------------------------------------------
     def prepare(self) -> None:
         """Resolve files, configs and classes of every model on the calling thread.
 
-        A model that fails here is marked FAILED at once; the others are unaffected.
+        A model that fails here is marked FAILED at once (and its retry scheduled); the
+        others are unaffected.
         """
         if threading.current_thread() is not threading.main_thread():
             raise RuntimeError("ModelRegistry.prepare() must run on the main thread (seed 003)")
         for spec in self.config.models:
             try:
-                self._prepared[spec.name] = _prepare(spec, self.config)
+                self._prepared[spec.name] = (spec, _prepare(spec, self.config))
             except ModelLoadError as exc:
                 count_failure(spec.name, exc.error_class)
-                self._prepared[spec.name] = exc
-                self._set(
-                    spec.name,
-                    state=ModelState.FAILED,
-                    error=exc.message,
-                    error_class=exc.error_class,
-                )
+                self._failed(spec.name, self._generation[spec.name], exc)
 
     def add_listener(self, listener: Listener) -> None:
-        """Called (from the loader thread) on every state change, e.g. to update health."""
+        """Called (from the loader thread, or the caller of ``apply``) on every state change,
+        on a swap to new weights (READY again) and on removal (REMOVED)."""
         self._listeners.append(listener)
 
     # -- queries --------------------------------------------------------------------
     def names(self) -> list[str]:
-        return [m.name for m in self.config.models]
+        with self._lock:
+            return list(self._entries)
 
     def entry(self, name: str) -> ModelEntry:
         """Raises KeyError for a model that is not configured."""
@@ -128,12 +154,48 @@ class ModelRegistry:
         e = self.entry(name)
         return e.loaded if e.state is ModelState.READY else None
 
+    # -- the model set changes ------------------------------------------------------
+    def apply(self, config: DaemonConfig) -> ConfigChanges:
+        """Make ``config`` the configuration: see the module docstring. Loads are queued
+        and run in the background; returns what changed."""
+        removed: list[str] = []
+        queue: list[str] = []
+        with self._lock:
+            changes = diff(self.config, config)
+            self.config = config
+            for spec in changes.added:
+                self._entries[spec.name] = ModelEntry(spec=spec, state=ModelState.PENDING)
+                self._generation[spec.name] = self._generation.get(spec.name, 0) + 1
+                self.load_count.setdefault(spec.name, 0)
+                queue.append(spec.name)
+            for name in changes.removed:
+                del self._entries[name]
+                self._generation[name] += 1
+                self._prepared.pop(name, None)
+                removed.append(name)
+            for spec in changes.changed:
+                old = self._entries[spec.name]
+                self._generation[spec.name] += 1
+                if old.state is ModelState.READY:  # keep serving the old weights meanwhile
+                    new = replace(old, update=spec, error="", error_class="", failures=0)
+                else:
+                    new = ModelEntry(spec=spec, state=ModelState.PENDING)
+                self._entries[spec.name] = replace(new, next_retry=None)
+                queue.append(spec.name)
+        for name in removed:
+            self._timers.cancel(name)
+            self._notify(name, ModelState.REMOVED)
+        for name in queue:
+            self._timers.cancel(name)
+            self.load_async(name)
+        return changes
+
     # -- loading --------------------------------------------------------------------
     def load_async(self, name: str) -> Future[LoadedModel]:
-        """The Future of the model's load; starts one only if none is running or done."""
+        """The Future of the model's load; starts one only if none is running or needed."""
         with self._lock:
             entry = self._entries[name]
-            if entry.state is ModelState.READY and entry.loaded is not None:
+            if entry.state is ModelState.READY and entry.update is None and entry.loaded:
                 done: Future[LoadedModel] = Future()
                 done.set_result(entry.loaded)
                 return done
@@ -145,9 +207,7 @@ class ModelRegistry:
             # not cancel the load for everybody else.
             fut.set_running_or_notify_cancel()
             self._inflight[name] = fut
-        try:
-            self._executor.submit(self._run_load, name, fut)
-        except RuntimeError:  # executor shut down: the registry is closed
+        if not self._loader.submit(name):
             with self._lock:
                 self._inflight.pop(name, None)
             fut.set_exception(ModelLoadError("internal", "the daemon is shutting down"))
@@ -162,8 +222,8 @@ class ModelRegistry:
     def start_all(self) -> list[Future[LoadedModel]]:
         """Queue a load of every configured model (in config order) and return at once.
 
-        Models that already failed in ``prepare()`` are left FAILED (a caller asking for one
-        by name retries it) so a broken model is reported once, not twice.
+        Models that already failed in ``prepare()`` are left to their retry (a caller asking
+        for one by name retries it at once), so a broken model is reported once, not twice.
         """
         return [
             self.load_async(n) for n in self.names() if self.entry(n).state is not ModelState.FAILED
@@ -176,31 +236,37 @@ class ModelRegistry:
                 fut.result()
         return self.entries()
 
+    def idle(self) -> bool:
+        """No load queued or running."""
+        return not self._loader.busy()
+
     def close(self) -> None:
         """Stop loading: queued loads are dropped and their waiters get an error at once;
         a load already running finishes in the background (it cannot be interrupted)."""
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._timers.close()
+        dropped = self._loader.close()
         with self._lock:
-            pending = [(n, f) for n, f in self._inflight.items() if n not in self._running]
-            for name, _ in pending:
-                self._inflight.pop(name, None)
-        for _, fut in pending:
+            futures = [self._inflight.pop(n) for n in dropped if n in self._inflight]
+        for fut in futures:
             if not fut.done():
                 fut.set_exception(ModelLoadError("internal", "the daemon is shutting down"))
 
-    def _run_load(self, name: str, fut: Future[LoadedModel]) -> None:
-        result: LoadedModel | BaseException
+    # -- the loader thread ------------------------------------------------------------
+    def _run_load(self, name: str) -> None:
+        with self._lock:
+            entry = self._entries.get(name)
+            generation = self._generation.get(name, 0)
+            fut = self._inflight.get(name)
+        if entry is None or fut is None:  # removed while queued
+            if fut is not None:
+                with self._lock:
+                    self._inflight.pop(name, None)
+                fut.set_exception(ModelLoadError("not_found", f"model {name} was removed"))
+            return
+        result: LoadedModel | ModelLoadError
         try:
-            result = self._load(name)
+            result = self._load(name, entry.wanted, generation)
         except ModelLoadError as exc:
-            log.error("model %s failed to load: %s", name, exc)
-            self._set(
-                name,
-                state=ModelState.FAILED,
-                loaded=None,
-                error=exc.message,
-                error_class=exc.error_class,
-            )
             # Drop the traceback: its frames hold the half-built model and checkpoint,
             # which must be freed now (GPU memory for the retry), not at the next GC.
             result = exc.with_traceback(None)
@@ -208,66 +274,105 @@ class ModelRegistry:
             log.exception("model %s: unexpected loader error", name)
             count_failure(name, "internal")
             result = ModelLoadError("internal", f"{type(exc).__name__}: {exc}")
-            self._set(
-                name,
-                state=ModelState.FAILED,
-                loaded=None,
-                error=result.message,
-                error_class=result.error_class,
-            )
         with self._lock:
+            current = self._generation.get(name) == generation and name in self._entries
+            if not current and name in self._entries:
+                del result  # superseded by a newer spec: load that one, same waiters
+                self._loader.submit(name)
+                return
             self._inflight.pop(name, None)
-            self._running.discard(name)
-        if isinstance(result, BaseException):
+        if not current:
+            fut.set_exception(ModelLoadError("not_found", f"model {name} was removed"))
+            return
+        if isinstance(result, ModelLoadError):
+            log.error("model %s failed to load: %s", name, result)
+            self._failed(name, generation, result)
             fut.set_exception(result)
         else:
+            self._ready(name, result)
             fut.set_result(result)
         del result
 
-    def _load(self, name: str) -> LoadedModel:
-        with self._lock:
-            self._running.add(name)
+    def _load(self, name: str, spec: ModelSpec, generation: int) -> LoadedModel:
         prepared = self._prepared.get(name)
-        if prepared is None or isinstance(prepared, ModelLoadError):
-            # Preparation failed (or never ran): try again now, so that a model whose
-            # files appeared later can come up on retry.
+        if prepared is None or prepared[0] != spec:
+            # Not prepared for this spec (added or changed at run time, or preparation
+            # failed): resolve it now, under the load lock, so files that appeared later
+            # are found on retry.
             with LOAD_LOCK:
                 try:
-                    prepared = _prepare(self._entries[name].spec, self.config)
+                    prepared = (spec, _prepare(spec, self.config))
                 except ModelLoadError as exc:
                     count_failure(name, exc.error_class)
                     raise
             self._prepared[name] = prepared
-        self._set(name, state=ModelState.LOADING, error="", error_class="")
-        self.load_count[name] += 1
+        with self._lock:
+            entry = self._entries[name]
+            if entry.update is None and self._generation[name] == generation:
+                self._entries[name] = replace(
+                    entry, state=ModelState.LOADING, error="", error_class="", next_retry=None
+                )
+        if entry.update is None:
+            self._notify(name, ModelState.LOADING)
+        self.load_count[name] = self.load_count.get(name, 0) + 1
         started = time.perf_counter()
-        loaded = load_model(prepared)
+        loaded = load_model(prepared[1])
         log.info(
             "model %s ready in %.2fs (fingerprint %s)",
             name,
             time.perf_counter() - started,
             loaded.fingerprint[:16],
         )
-        self._set(
-            name, state=ModelState.READY, loaded=loaded, stage_seconds=dict(loaded.stage_seconds)
-        )
         return loaded
 
-    def _set(self, name: str, **changes: object) -> None:
+    def _ready(self, name: str, loaded: LoadedModel) -> None:
+        self._timers.cancel(name)
         with self._lock:
             old = self._entries[name]
-            new = ModelEntry(
-                spec=old.spec,
-                state=changes.get("state", old.state),  # type: ignore[arg-type]
-                loaded=changes.get("loaded", old.loaded),  # type: ignore[arg-type]
-                error=changes.get("error", old.error),  # type: ignore[arg-type]
-                error_class=changes.get("error_class", old.error_class),  # type: ignore[arg-type]
-                stage_seconds=changes.get("stage_seconds", old.stage_seconds),  # type: ignore[arg-type]
+            self._entries[name] = ModelEntry(
+                spec=old.wanted,
+                state=ModelState.READY,
+                loaded=loaded,
+                stage_seconds=dict(loaded.stage_seconds),
             )
-            self._entries[name] = new
-        if new.state is not old.state:
-            for listener in list(self._listeners):
-                try:
-                    listener(name, new.state)
-                except Exception:  # a broken listener must not break loading
-                    log.exception("registry listener failed")
+        record_served(name, str(loaded.device), loaded.weight_bytes)
+        self._notify(name, ModelState.READY)  # also on a swap: READY with new weights
+
+    def _failed(self, name: str, generation: int, exc: ModelLoadError) -> None:
+        delay = self.backoff.delay(0) if self.backoff else None
+        with self._lock:
+            old = self._entries.get(name)
+            if old is None or self._generation.get(name) != generation:
+                return
+            failures = old.failures + 1
+            if self.backoff is not None:
+                delay = self.backoff.delay(failures)
+            serving = old.state is ModelState.READY  # an update failed: the old weights stay
+            self._entries[name] = replace(
+                old,
+                state=ModelState.READY if serving else ModelState.FAILED,
+                loaded=old.loaded if serving else None,
+                error=exc.message,
+                error_class=exc.error_class,
+                failures=failures,
+                next_retry=time.time() + delay if delay is not None else None,
+            )
+        if not serving:
+            MODEL_LOADED.labels(model=name).set(0)
+            self._notify(name, ModelState.FAILED)
+        if delay is not None:
+            log.info("model %s: retry %d in %.0fs", name, failures + 1, delay)
+            self._timers.schedule(name, delay, lambda: self._retry(name, generation))
+
+    def _retry(self, name: str, generation: int) -> None:
+        with self._lock:
+            if self._generation.get(name) != generation or name not in self._entries:
+                return
+        self.load_async(name)
+
+    def _notify(self, name: str, state: ModelState) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(name, state)
+            except Exception:  # a broken listener must not break loading
+                log.exception("registry listener failed")

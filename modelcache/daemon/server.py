@@ -14,33 +14,41 @@ Start-up order: the registry is prepared on the main thread before anything else
 the background; each model becomes servable, and its health SERVING, when its load
 completes. SIGTERM/SIGINT: every health service turns NOT_SERVING, the server stops
 accepting and gives in-flight RPCs ``GRACE_S`` to finish, then the workers stop.
+
+The model set is live (live.py, changes.py): when the config file changes, added models
+load, removed ones stop admitting (NOT_FOUND), drain what they admitted and are freed, and a
+changed model keeps serving its old weights until the new load is verified; then the new
+weights take the next requests while the old batcher drains. Each request is computed by one
+batcher, so no response mixes old and new weights.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import os
 import signal
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import torch
 from grpc_health.v1 import health
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import start_http_server
 
 from modelcache.config import DaemonConfig
 from modelcache.daemon.batcher import Batcher
-from modelcache.daemon.health import HealthReporter, Watchdog, health_handler
+from modelcache.daemon.changes import ConfigChanges
+from modelcache.daemon.health import SERVING, HealthReporter, Watchdog, health_handler
 from modelcache.daemon.inference import ModelCompute
+from modelcache.daemon.live import ConfigWatcher, config_hash
 from modelcache.daemon.loader import record_build_info
+from modelcache.daemon.loadthread import Backoff
+from modelcache.daemon.probes import Heartbeat, ProbeApp, ProbeServer
 from modelcache.daemon.registry import ModelRegistry, ModelState
 from modelcache.daemon.servicer import SERVICE, ModelCacheServicer, ServedModel
-from modelcache.metrics import DAEMON_REGISTRY
+from modelcache.metrics import forget_model
 from modelcache.settings import DaemonSettings
 
 log = logging.getLogger(__name__)
@@ -91,12 +99,19 @@ class DaemonServer:
     """One gRPC server over a prepared registry. ``start``/``stop`` run on its event loop."""
 
     def __init__(
-        self, config: DaemonConfig, settings: DaemonSettings, registry: ModelRegistry
+        self,
+        config: DaemonConfig,
+        settings: DaemonSettings,
+        registry: ModelRegistry,
+        config_digest: str = "",
     ) -> None:
         self.config, self.settings, self.registry = config, settings, registry
+        self.config_hash = config_digest
         self.port = 0
         self.metrics_port = 0
-        self._metrics: Any = None
+        self._metrics: ProbeServer | None = None
+        self.heartbeat = Heartbeat()
+        self._apply_lock = threading.Lock()
 
     async def start(self) -> int:
         """Bind, start serving and return the port (useful with port 0)."""
@@ -107,7 +122,9 @@ class DaemonServer:
             initializer=lower_thread_priority,
             initargs=(s.admit_nice,),
         )
-        self.servicer = ModelCacheServicer(self.registry, self.config.batching, self.executor)
+        self.servicer = ModelCacheServicer(
+            self.registry, self.config.batching, self.executor, lambda: self.config_hash
+        )
         self.health = health.aio.HealthServicer()
         self.reporter = HealthReporter(
             self.health, self.registry, self.servicer.served, asyncio.get_running_loop()
@@ -144,27 +161,57 @@ class DaemonServer:
             raise OSError(f"cannot listen on {address}: {exc}") from None
         await self.server.start()
         self.watchdog.start()
+        self.heartbeat.start()
         log.info("gRPC on %s (%s)", _address(s.host, self.port), "TLS" if creds else "plaintext")
         return self.port
 
     def start_metrics(self) -> int:
-        self._metrics, _ = start_http_server(
-            self.settings.metrics_port, addr=self.settings.metrics_host, registry=DAEMON_REGISTRY
+        """/metrics, /readyz and /livez on the metrics port (probes.py)."""
+        app = ProbeApp(
+            statuses=lambda: {
+                k: v == SERVING for k, v in self.reporter.statuses().items() if k != SERVICE
+            },
+            stalled=lambda: sorted(
+                n for n, s in self.servicer.served().items() if s.batcher.stalled()
+            ),
+            heartbeat=self.heartbeat,
+            loop_stall_s=self.settings.liveness_loop_stall_s,
         )
-        self.metrics_port = int(self._metrics.server_port)
+        self._metrics = ProbeServer(app, self.settings.metrics_host, self.settings.metrics_port)
+        self._metrics.start()
+        self.metrics_port = self._metrics.port
         log.info(
-            "metrics on http://%s/metrics", _address(self.settings.metrics_host, self.metrics_port)
+            "metrics on http://%s/metrics (probes: /readyz, /livez)",
+            _address(self.settings.metrics_host, self.metrics_port),
         )
         return self.metrics_port
 
     async def stop(self, grace: float = GRACE_S) -> None:
+        self.heartbeat.stop()
         await self.reporter.shutdown()
         await self.server.stop(grace)
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self._stop_threads)
         if self._metrics is not None:
-            self._metrics.shutdown()
-            self._metrics.server_close()
+            self._metrics.stop()
+
+    def apply(self, config: DaemonConfig, digest: str) -> ConfigChanges:
+        """A new configuration, live (a thread, never the event loop): the registry adds,
+        removes and reloads models (their batchers follow in ``_on_state``); batching limits
+        and the log level apply at once."""
+        with self._apply_lock:
+            changes = self.registry.apply(config)
+            self.config = config
+            if changes.batching:
+                self.servicer.cfg = config.batching
+                for served in self.servicer.served().values():
+                    served.batcher.reconfigure(config.batching)
+            if changes.log_level:
+                level = config.log_level or self.settings.log_level
+                logging.getLogger().setLevel(level.upper())
+            self.config_hash = digest
+        self.reporter.refresh()
+        return changes
 
     def _stop_threads(self) -> None:
         self.watchdog.stop()
@@ -173,13 +220,18 @@ class DaemonServer:
         self.executor.shutdown(wait=True, cancel_futures=True)
 
     def _on_state(self, name: str, state: ModelState) -> None:
-        """Registry listener (loader thread): a READY model gets its worker; a model that
-        leaves READY loses it. Then health is republished."""
+        """Registry listener (loader thread, or the thread applying a config): a READY model
+        gets its worker — a new one, replacing the old, when its weights changed; a model
+        that leaves READY, or the configuration, loses it. Then health is republished."""
         if self.reporter.closed:
             return
         if state is ModelState.READY:
-            loaded = self.registry.entry(name).loaded
-            if loaded is not None and name not in self.servicer.served():
+            try:
+                loaded = self.registry.entry(name).loaded
+            except KeyError:  # removed meanwhile
+                loaded = None
+            current = self.servicer.served().get(name)
+            if loaded is not None and (current is None or current.compute.loaded is not loaded):
                 compute = ModelCompute(loaded)
                 method = "Embed" if loaded.spec.task == "embedding" else "LogProbs"
                 batcher = Batcher(
@@ -187,9 +239,40 @@ class DaemonServer:
                 )
                 batcher.start()
                 self.servicer.attach(name, ServedModel(compute, batcher))
+                if current is not None:
+                    self._retire(name, current, gone=False)
         elif (old := self.servicer.detach(name)) is not None:
-            old.batcher.stop()
+            self._retire(name, old, gone=state is ModelState.REMOVED)
+        elif state is ModelState.REMOVED:
+            forget_model(name)
         self.reporter.refresh()
+
+    def _retire(self, name: str, old: ServedModel, gone: bool) -> None:
+        """Drain ``old`` (every admitted request is answered) and free its weights, on a
+        thread of its own: a batch may be running, and the caller is the loader."""
+
+        holder = [old]  # the thread's only reference, dropped before the memory is released
+
+        def run() -> None:
+            try:
+                served = holder.pop()
+                drained = served.batcher.drain(GRACE_S)
+                device = served.compute.device
+                del served
+                if gone and name not in self.registry.names():
+                    forget_model(name)
+                release_memory(device)
+                log.info(
+                    "model %s: %s weights released%s",
+                    name,
+                    "its" if gone else "the old",
+                    "" if drained else f" (requests still queued after {GRACE_S:.0f}s failed)",
+                )
+            except Exception:
+                log.exception("model %s: retiring its old worker failed", name)
+
+        del old
+        threading.Thread(target=run, name=f"retire-{name}", daemon=True).start()
 
 
 def _freeze_when_ready(name: str, state: ModelState) -> None:
@@ -203,44 +286,51 @@ def _freeze_when_ready(name: str, state: ModelState) -> None:
         gc.freeze()
 
 
-async def _release_loader(registry: ModelRegistry, loads: list[Future[Any]]) -> None:
-    """Once every load has finished, let the registry's loader thread exit.
-
-    The thread ran each model's warm-up forward, so it owns an OpenMP thread pool; while
-    it lives, libgomp counts more threads than cores and throttles spin-waiting for every
-    team, the batch workers' included: forward passes measured 20-35% slower on 2 cores
-    (a 38-token MiniLM forward 14.7 -> 20.5 ms, batch-32 encode 117 -> 106 sentences/s).
-    The serving path never loads again (a failed model stays failed until a restart), so
-    the registry is closed for loading here; listing and lookups keep working.
-    """
-    for load in loads:
-        with contextlib.suppress(Exception):
-            await asyncio.wrap_future(load)
-    registry.close()
-    log.info("all loads finished; loader thread released")
+def release_memory(device: torch.device) -> None:
+    """Give a dropped model's memory back: a full collection (over the objects frozen by
+    ``_freeze_when_ready`` too, for any cycle holding tensors), then CUDA's cached blocks."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 async def _run(server: DaemonServer) -> None:
     await server.start()
     server.start_metrics()
     server.registry.add_listener(_freeze_when_ready)
-    release = asyncio.ensure_future(_release_loader(server.registry, server.registry.start_all()))
+    server.registry.start_all()
+    watcher = None
+    if server.settings.config is not None:
+        watcher = ConfigWatcher(
+            server.settings.config,
+            server.settings.config.read_bytes(),
+            server.apply,
+            server.settings.config_poll_s,
+        )
+        watcher.hash = server.config_hash or watcher.hash
+        watcher.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if watcher is not None:
+        loop.add_signal_handler(signal.SIGHUP, watcher.reload)
     await stop.wait()
-    release.cancel()
+    if watcher is not None:
+        watcher.stop()
     log.info("stopping: health NOT_SERVING, draining in-flight requests (%.0fs grace)", GRACE_S)
     await server.stop()
 
 
 def serve(config: DaemonConfig, settings: DaemonSettings) -> None:
     """Run the daemon until SIGTERM or SIGINT, then stop gracefully. Main thread only."""
-    registry = ModelRegistry(config)
+    registry = ModelRegistry(config, Backoff(settings.retry_initial_s, settings.retry_max_s))
     registry.prepare()
     record_build_info()
+    digest = config_hash(settings.config.read_bytes()) if settings.config is not None else ""
     try:
-        asyncio.run(_run(DaemonServer(config, settings, registry)))
+        asyncio.run(_run(DaemonServer(config, settings, registry, digest)))
     finally:
         registry.close()

@@ -43,6 +43,7 @@ from grpc import StatusCode as Code
 
 from modelcache.config import BatchingConfig
 from modelcache.daemon import batcher as b
+from modelcache.daemon.changes import describe_update
 from modelcache.daemon.inference import (
     MAX_TOP_K,
     EmbedItem,
@@ -118,8 +119,15 @@ class ServedModel:
 
 
 class ModelCacheServicer:
-    def __init__(self, registry: ModelRegistry, cfg: BatchingConfig, executor: Executor) -> None:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        cfg: BatchingConfig,
+        executor: Executor,
+        config_hash: Callable[[], str] = lambda: "",
+    ) -> None:
         self.registry, self.cfg, self.executor = registry, cfg, executor
+        self.config_hash = config_hash
         self._served: dict[str, ServedModel] = {}
         self._lock = threading.Lock()
 
@@ -410,6 +418,11 @@ class ModelCacheServicer:
                     load_seconds=e.stage_seconds,
                     max_length=s.compute.max_length if s else spec.max_length,
                     output_dims=lm.output_dims if lm else 0,
+                    load_failures=e.failures,
+                    next_retry_unix=e.next_retry or 0.0,
+                    pending_update=describe_update(spec, e.update) if e.update else "",
                 )
             )
-        return pb.ListModelsResponse(models=models, versions=versions())
+        return pb.ListModelsResponse(
+            models=models, versions=versions(), config_hash=self.config_hash()
+        )

@@ -104,7 +104,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelStatus(_message.Message):
-    __slots__ = ("name", "state", "error", "task", "device", "dtype", "source", "revision", "fingerprint", "weight_bytes", "load_seconds", "max_length", "output_dims", "error_class")
+    __slots__ = ("name", "state", "error", "task", "device", "dtype", "source", "revision", "fingerprint", "weight_bytes", "load_seconds", "max_length", "output_dims", "error_class", "load_failures", "next_retry_unix", "pending_update")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATE_UNSPECIFIED: _ClassVar[ModelStatus.State]
@@ -138,6 +138,9 @@ class ModelStatus(_message.Message):
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_DIMS_FIELD_NUMBER: _ClassVar[int]
     ERROR_CLASS_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_RETRY_UNIX_FIELD_NUMBER: _ClassVar[int]
+    PENDING_UPDATE_FIELD_NUMBER: _ClassVar[int]
     name: str
     state: ModelStatus.State
     error: str
@@ -152,10 +155,13 @@ class ModelStatus(_message.Message):
     max_length: int
     output_dims: int
     error_class: str
-    def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[ModelStatus.State, str]] = ..., error: _Optional[str] = ..., task: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., source: _Optional[str] = ..., revision: _Optional[str] = ..., fingerprint: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., load_seconds: _Optional[_Mapping[str, float]] = ..., max_length: _Optional[int] = ..., output_dims: _Optional[int] = ..., error_class: _Optional[str] = ...) -> None: ...
+    load_failures: int
+    next_retry_unix: float
+    pending_update: str
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[ModelStatus.State, str]] = ..., error: _Optional[str] = ..., task: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., source: _Optional[str] = ..., revision: _Optional[str] = ..., fingerprint: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., load_seconds: _Optional[_Mapping[str, float]] = ..., max_length: _Optional[int] = ..., output_dims: _Optional[int] = ..., error_class: _Optional[str] = ..., load_failures: _Optional[int] = ..., next_retry_unix: _Optional[float] = ..., pending_update: _Optional[str] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
-    __slots__ = ("models", "versions")
+    __slots__ = ("models", "versions", "config_hash")
     class VersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -165,6 +171,8 @@ class ListModelsResponse(_message.Message):
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     MODELS_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_HASH_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelStatus]
     versions: _containers.ScalarMap[str, str]
-    def __init__(self, models: _Optional[_Iterable[_Union[ModelStatus, _Mapping]]] = ..., versions: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    config_hash: str
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelStatus, _Mapping]]] = ..., versions: _Optional[_Mapping[str, str]] = ..., config_hash: _Optional[str] = ...) -> None: ...

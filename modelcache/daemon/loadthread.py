@@ -1,0 +1,123 @@
+"""The one thread that loads models: started when there is a load to run, gone when there is
+none, and retries of failed loads on a capped exponential backoff.
+
+Why a thread that exits: the thread that runs a model's warm-up forward owns an OpenMP pool,
+and while it lives libgomp counts more threads than cores and throttles the spin-waits of
+every team, the batch workers' included (forward passes measured 20-35 % slower on 2 cores).
+A daemon whose model set changes at run time loads at any time, so the loader cannot simply
+be shut down after the first round: it ends whenever its queue is empty.
+
+Why one thread: transformers' loading patches process globals (see globalstate.py), so two
+loads must never overlap; the queue also keeps the configured order.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Delay before retry number ``failures`` (1 = after the first failure): initial,
+    doubling, at most ``maximum`` seconds."""
+
+    initial: float = 5.0
+    maximum: float = 300.0
+
+    def delay(self, failures: int) -> float:
+        return float(min(self.maximum, self.initial * 2 ** max(0, failures - 1)))
+
+
+class LoadThread:
+    """Runs ``job(item)`` for queued items, one at a time, on a thread that exists only while
+    the queue is not empty. ``job`` must not raise (the registry's catches everything); if it
+    does anyway, the thread logs it and goes on with the next item."""
+
+    def __init__(self, job: Callable[[str], None], name: str = "modelcache-loader") -> None:
+        self._job, self._name = job, name
+        self._lock = threading.Lock()
+        self._queue: deque[str] = deque()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def submit(self, item: str) -> bool:
+        """Queue ``item``; False when closed."""
+        with self._lock:
+            if self._closed:
+                return False
+            self._queue.append(item)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._main, name=self._name, daemon=True)
+                self._thread.start()
+        return True
+
+    def close(self) -> list[str]:
+        """Stop taking work; return the items that will now never run."""
+        with self._lock:
+            self._closed = True
+            dropped = list(self._queue)
+            self._queue.clear()
+        return dropped
+
+    def busy(self) -> bool:
+        with self._lock:
+            return self._thread is not None
+
+    def join(self, timeout: float | None = None) -> None:
+        with self._lock:
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+
+    def _main(self) -> None:
+        while True:
+            with self._lock:
+                if not self._queue:
+                    self._thread = None
+                    return
+                item = self._queue.popleft()
+            try:
+                self._job(item)
+            except BaseException:  # never let one item end the loop with work queued
+                log.exception("load of %s raised out of the loader", item)
+
+
+class RetryTimers:
+    """One pending timer per key; a new schedule or a cancel replaces the old one."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._timers: dict[str, threading.Timer] = {}
+        self._closed = False
+
+    def schedule(self, key: str, delay: float, fire: Callable[[], None]) -> None:
+        timer = threading.Timer(delay, fire)
+        timer.daemon = True
+        timer.name = f"modelcache-retry-{key}"
+        with self._lock:
+            if self._closed:
+                return
+            old = self._timers.pop(key, None)
+            self._timers[key] = timer
+        if old is not None:
+            old.cancel()
+        timer.start()
+
+    def cancel(self, key: str) -> None:
+        with self._lock:
+            old = self._timers.pop(key, None)
+        if old is not None:
+            old.cancel()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            timers, self._timers = list(self._timers.values()), {}
+        for t in timers:
+            t.cancel()
