@@ -1,4 +1,4 @@
-"""``modelcache`` command line: serve, preload, download.
+"""``modelcache`` command line: serve, preload, download, fetch.
 
 Imports of torch/transformers happen inside the subcommands, after ``HF_HUB_OFFLINE=1`` is
 set for the ones that must never touch the network (serve, preload): transformers reads
@@ -105,6 +105,19 @@ def _download(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fetch(args: argparse.Namespace) -> int:
+    from modelcache.config import load_config
+    from modelcache.daemon.fetch import run
+
+    root = args.to
+    if root is None:
+        root = load_config(args.config).model_root
+        if root is None:
+            print("fetch: the config has no model_root; pass --to", file=sys.stderr)
+            return 2
+    return run(args.config, Path(root), watch=args.watch, poll_s=args.poll_s)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="modelcache", description=__doc__.splitlines()[0])
     p.add_argument("--log-level", default=os.environ.get("MODELCACHE_LOG_LEVEL", "INFO"))
@@ -128,6 +141,16 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--revision", help="commit sha (required for hub ids)")
     d.add_argument("--to", required=True, help="model volume root")
     d.set_defaults(func=_download)
+
+    f = sub.add_parser(
+        "fetch",
+        help="download the hub models of a config onto the model volume (--watch: follow it)",
+    )
+    f.add_argument("--config", required=True, type=Path)
+    f.add_argument("--to", type=Path, default=None, help="model volume root (default: model_root)")
+    f.add_argument("--watch", action="store_true", help="run on, fetching what the config adds")
+    f.add_argument("--poll-s", dest="poll_s", type=float, default=5.0)
+    f.set_defaults(func=_fetch)
     return p
 
 

@@ -41,5 +41,8 @@ class DaemonSettings(BaseSettings):
     # A failed load is retried after retry_initial_s, doubling up to retry_max_s.
     retry_initial_s: float = Field(5.0, gt=0)
     retry_max_s: float = Field(300.0, gt=0)
+    # On SIGTERM, keep serving this long while health and /readyz say NOT_SERVING, so that
+    # load balancers (Endpoints, kube-proxy) stop sending before the port closes.
+    shutdown_delay_s: float = Field(0.0, ge=0, le=300)
     # /livez fails when the event loop has not run for this many seconds.
     liveness_loop_stall_s: float = Field(30.0, gt=0)

@@ -38,14 +38,23 @@ def test_second_download_is_a_verified_no_op(tmp_path: Path) -> None:
     assert (dest / "model.safetensors").stat().st_ino == inode
 
 
-def test_a_damaged_copy_is_replaced_atomically(tmp_path: Path) -> None:
+def test_a_damaged_copy_is_reported_and_never_replaced(tmp_path: Path) -> None:
+    """A checkpoint in place may be read by a daemon (a shared volume): it is checked
+    against its manifest, by sizes (it was hashed when written) or, with verify, by sha256,
+    and a mismatch is an error for a person to act on, never an rmtree under a reader."""
     src = tiny_models.bert(tmp_path / "bert")
     dest = download(str(src), tmp_path / "volume")
     with (dest / "model.safetensors").open("r+b") as f:
         f.seek(-4, 2)
         f.write(b"\0\0\0\1")
-    download(str(src), tmp_path / "volume")
-    assert (dest / "model.safetensors").read_bytes() == (src / "model.safetensors").read_bytes()
+    assert download(str(src), tmp_path / "volume") == dest  # same sizes: not re-hashed
+    with pytest.raises(ModelLoadError, match="does not match its manifest"):
+        download(str(src), tmp_path / "volume", verify=True)
+    with (dest / "model.safetensors").open("ab") as f:
+        f.write(b"tail")
+    with pytest.raises(ModelLoadError, match="remove it to download again"):
+        download(str(src), tmp_path / "volume")
+    assert (dest / "model.safetensors").exists()  # still there for its readers
     assert sorted(p.name for p in (tmp_path / "volume").iterdir()) == ["bert"]
 
 

@@ -12,9 +12,9 @@ import yaml
 
 from modelcache import cli
 from modelcache.config import parse_config
-from modelcache.operator import builders, containers
+from modelcache.operator import builders
 from modelcache.operator.builders import Owner
-from modelcache.operator.spec import ModelCacheSpec, parse_spec
+from modelcache.operator.spec import ModelCacheSpec, SpecError, parse_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = ROOT / "deploy" / "helm" / "modelcache" / "files"
@@ -80,22 +80,32 @@ def test_deployment_downloads_hub_models_and_serves_offline_read_only() -> None:
     s = spec()
     dep = builders.build_deployment(s, OWNER)
     pod = dep["spec"]["template"]["spec"]
-    inits = pod["initContainers"]
-    assert len(inits) == 1  # only the hub model; "tiny" is a path on the volume
-    assert inits[0]["command"] == [
+    assert "initContainers" not in pod
+    daemon, fetch = pod["containers"]
+    # the fetch container follows the same config file and downloads its hub models
+    assert fetch["name"] == "fetch"
+    assert fetch["command"] == [
         "modelcache",
-        "download",
-        "org/minilm",
-        "--revision",
-        SHA,
+        "fetch",
+        "--config",
+        "/etc/modelcache/config.yaml",
         "--to",
         "/models",
+        "--watch",
     ]
-    assert containers.download_model_index(inits[0]["name"]) == 0
-    assert {"name": "models", "mountPath": "/models"} in inits[0]["volumeMounts"]
-    # the image is offline for serving (HF_HUB_OFFLINE=1): only the download goes online
-    assert {"name": "HF_HUB_OFFLINE", "value": "0"} in inits[0]["env"]
-    daemon = pod["containers"][0]
+    assert {"name": "models", "mountPath": "/models"} in fetch["volumeMounts"]
+    assert fetch["resources"] == {
+        "limits": {"memory": "1Gi"},
+        "requests": {"cpu": "10m", "memory": "64Mi"},
+    }
+    # the image is offline for serving (HF_HUB_OFFLINE=1): only the fetch container goes online
+    assert {"name": "HF_HUB_OFFLINE", "value": "0"} in fetch["env"]
+    # probes: HTTP on the metrics port; ready means every model serves
+    assert daemon["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert daemon["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "metrics"}
+    assert daemon["startupProbe"]["httpGet"] == {"path": "/livez", "port": "metrics"}
+    assert dep["spec"]["minReadySeconds"] == builders.MIN_READY_SECONDS > 0
+    assert dep["spec"]["strategy"]["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}
     env = {e["name"]: e.get("value") for e in daemon["env"]}
     assert env["HF_HUB_OFFLINE"] == "1" and env["TRANSFORMERS_OFFLINE"] == "1"
     mounts = {m["name"]: m for m in daemon["volumeMounts"]}
@@ -122,7 +132,7 @@ def test_deployment_downloads_hub_models_and_serves_offline_read_only() -> None:
 
 
 def test_built_commands_are_accepted_by_the_real_cli() -> None:
-    """The init and daemon containers run `modelcache ...`: the CLI must parse them."""
+    """The daemon and fetch containers run `modelcache ...`: the CLI must parse them."""
     dep = builders.build_deployment(spec(ports={"grpc": 6000, "metrics": 6001}), OWNER)
     pod = dep["spec"]["template"]["spec"]
     serve = cli.parser().parse_args(pod["containers"][0]["command"][1:])
@@ -132,26 +142,42 @@ def test_built_commands_are_accepted_by_the_real_cli() -> None:
         6001,
         "0.0.0.0",
     )
-    download = cli.parser().parse_args(pod["initContainers"][0]["command"][1:])
-    assert (download.source, download.revision, download.to) == ("org/minilm", SHA, "/models")
+    fetch = cli.parser().parse_args(pod["containers"][1]["command"][1:])
+    assert (fetch.command, str(fetch.config), str(fetch.to), fetch.watch) == (
+        "fetch",
+        "/etc/modelcache/config.yaml",
+        "/models",
+        True,
+    )
 
 
-def test_container_names_are_dns_labels_for_any_model_name() -> None:
-    name = "a" * 40 + ".b_c" + "d" * 19
-    s = parse_spec(
+def test_storage_that_cannot_work_is_refused_with_what_to_use() -> None:
+    with pytest.raises(SpecError, match=r"ReadWriteOnce\] with replicas 2.*ReadWriteMany"):
+        spec(storage={"pvc": {"size": "1Gi"}}, replicas=2)
+    with pytest.raises(SpecError, match=r"ReadOnlyMany\] but models minilm come from the hub"):
+        spec(storage={"pvc": {"size": "1Gi", "accessModes": ["ReadOnlyMany"]}})
+    shared = spec(storage={"pvc": {"size": "1Gi", "accessModes": ["ReadWriteMany"]}}, replicas=3)
+    assert "affinity" not in builders.build_deployment(shared, OWNER)["spec"]["template"]["spec"]
+    # one ReadWriteOnce replica: a surge pod must run on the node that holds the volume
+    single = spec(storage={"pvc": {"size": "1Gi"}}, affinity={"nodeAffinity": {"x": 1}})
+    pod = builders.build_deployment(single, OWNER)["spec"]["template"]["spec"]
+    assert pod["affinity"]["nodeAffinity"] == {"x": 1}
+    (term,) = pod["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert term == {
+        "labelSelector": {"matchLabels": builders.selector_labels("cache")},
+        "topologyKey": "kubernetes.io/hostname",
+    }
+    # read-only volume with local models: no fetch container (it would write)
+    ro = parse_spec(
         "cache",
         {
             **spec_dict(),
-            "models": [
-                {"name": name, "source": "org/x", "revision": SHA, "task": "embedding"},
-                {"name": "b", "source": "org/y", "revision": SHA, "task": "embedding"},
-            ],
+            "models": spec_dict()["models"][1:],
+            "storage": {"pvc": {"size": "1Gi", "accessModes": ["ReadOnlyMany"]}},
         },
     )
-    inits = builders.build_deployment(s, OWNER)["spec"]["template"]["spec"]["initContainers"]
-    for i, c in enumerate(inits):
-        assert len(c["name"]) <= 63 and "." not in c["name"] and "_" not in c["name"]
-        assert containers.download_model_index(c["name"]) == i
+    names = [c["name"] for c in builders.build_pod_template(ro, OWNER)["spec"]["containers"]]
+    assert names == ["daemon"]
 
 
 def test_scheduling_gpu_and_secrets_reach_the_pod() -> None:
@@ -177,7 +203,7 @@ def test_scheduling_gpu_and_secrets_reach_the_pod() -> None:
     ]
     assert pod["affinity"] == {"nodeAffinity": {"x": 1}}
     assert pod["imagePullSecrets"] == [{"name": "regcred"}]
-    token = [e for e in pod["initContainers"][0]["env"] if e["name"] == "HF_TOKEN"]
+    token = [e for e in pod["containers"][1]["env"] if e["name"] == "HF_TOKEN"]
     assert token == [
         {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}
     ]
@@ -215,21 +241,30 @@ def test_pvc_manifest() -> None:
     }
 
 
-def test_hashes_are_stable_and_roll_the_pods_on_a_model_change() -> None:
+def test_model_edits_reach_pods_live_and_only_pod_level_changes_roll_them() -> None:
     a, b = spec(), spec()
     assert builders.build_children(a, OWNER) == builders.build_children(b, OWNER)
-    t1 = builders.build_deployment(a, OWNER)["spec"]["template"]["metadata"]["annotations"]
-    changed = parse_spec("cache", {**spec_dict(), "models": spec_dict()["models"][:1]})
-    t2 = builders.build_deployment(changed, OWNER)["spec"]["template"]["metadata"]["annotations"]
-    assert t1[builders.CONFIG_HASH] != t2[builders.CONFIG_HASH]
-    assert t1[builders.TEMPLATE_HASH] != t2[builders.TEMPLATE_HASH]
-    # a pod-template-only change (resources) keeps the config but changes the template
-    t3 = builders.build_deployment(spec(resources={"requests": {"cpu": "1"}}), OWNER)["spec"][
-        "template"
-    ]["metadata"]["annotations"]
-    assert t3[builders.CONFIG_HASH] == t1[builders.CONFIG_HASH]
-    assert t3[builders.TEMPLATE_HASH] != t1[builders.TEMPLATE_HASH]
-    assert builders.template_hash(a, OWNER) == t1[builders.TEMPLATE_HASH]
+    dep = builders.build_deployment(a, OWNER)
+    # models, batching and the log level: a new config file, the same pods
+    for change in (
+        {"models": spec_dict()["models"][:1]},
+        {"batching": {"max_batch_size": 8}},
+        {"logLevel": "DEBUG"},
+    ):
+        edited = parse_spec("cache", {**spec_dict(), **change})
+        assert builders.build_deployment(edited, OWNER) == dep, change
+        assert builders.config_hash(edited) != builders.config_hash(a), change
+    assert yaml.safe_load(builders.config_text(spec(logLevel="DEBUG")))["log_level"] == "DEBUG"
+    # image, resources, scheduling: a new pod template, rolled out
+    t1 = dep["spec"]["template"]["metadata"]["annotations"][builders.TEMPLATE_HASH]
+    for change in (
+        {"resources": {"requests": {"cpu": "1"}}},
+        {"image": "registry.example/modelcache:0.2.0"},
+        {"nodeSelector": {"pool": "gpu"}},
+    ):
+        other = builders.build_deployment(spec(**change), OWNER)
+        assert other["spec"]["template"]["metadata"]["annotations"][builders.TEMPLATE_HASH] != t1
+    assert builders.template_hash(a, OWNER) == t1
 
 
 def test_endpoint_is_a_dns_target_for_client_side_balancing() -> None:

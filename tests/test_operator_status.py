@@ -196,6 +196,61 @@ def test_failed_everywhere_is_failed_with_the_loader_reason() -> None:
     assert (m.state, m.ready_replicas) == ("Pending", "0/1")
 
 
+def test_live_model_set_states_retries_updates_and_downloads() -> None:
+    """What a daemon with a live model set reports: a failure with its retry schedule, an
+    update failing while the old weights serve, a download in progress."""
+    retrying = report(
+        "broken", "FAILED", error="gone", error_class="not_found", load_failures=3,
+        next_retry_unix=1_900_000_000.0,
+    )  # fmt: skip
+    later = report("broken", "FAILED", error="gone", error_class="not_found", load_failures=1,
+                   next_retry_unix=1_900_000_060.0)  # fmt: skip
+    m = from_reports("broken", [("a", retrying), ("b", later)], answered=2)
+    assert (m.state, m.load_failures, m.next_retry) == ("Failed", 3, "2030-03-17T17:46:40Z")
+    updating = report(
+        "good", "READY", fingerprint="f" * 64, pending_update="revision 0123456 -> 89abcde",
+        error="no such revision", error_class="not_found", load_failures=2,
+        next_retry_unix=1_900_000_000.0,
+    )  # fmt: skip
+    m = from_reports("good", [("a", updating)], answered=1)
+    assert (m.state, m.fingerprint, m.pending_update) == (
+        "Ready",
+        "f" * 64,
+        "revision 0123456 -> 89abcde",
+    )
+    assert m.error == "update failed, previous weights serve: no such revision (pod a)"
+    assert (m.load_failures, m.next_retry) == (2, "2030-03-17T17:46:40Z")
+    fetching = report("good", "PENDING", error="being downloaded", error_class="downloading")
+    assert from_reports("good", [("a", fetching)], answered=1).state == "Downloading"
+
+
+def test_configured_replicas_count_the_pods_that_applied_the_current_config() -> None:
+    pods = [
+        pod(n, daemon=RUNNING, phase="Running", ready=True, ip=f"10.0.0.{i}")
+        for i, n in enumerate(("cache-1", "cache-2"))
+    ]
+    answers = {
+        "cache-1": PodAnswer("cache-1", (GOOD, BROKEN), config_hash="new"),
+        "cache-2": PodAnswer("cache-2", (GOOD, BROKEN), config_hash="old"),
+    }
+    status = derive_status(
+        Observation(
+            spec=SPEC,
+            spec_error=None,
+            error_reason="",
+            observed_generation=1,
+            deployment={"metadata": {"generation": 1}, "status": {"observedGeneration": 1}},
+            pods=[classify_pod(p, CURRENT) for p in pods],
+            answers=answers,
+            previous={},
+            now=NOW,
+            config_hash="new",
+        )
+    )
+    assert status.configured_replicas == "1/2"
+    assert status.to_patch()["configuredReplicas"] == "1/2"
+
+
 # --- the whole status -------------------------------------------------------------------
 def test_one_model_ready_one_failed_is_degraded() -> None:
     p = pod(init=DONE, daemon=RUNNING, phase="Running", ready=True)

@@ -1,5 +1,8 @@
 # Sourced by hack/kube-node.sh after lib.sh and images.sh: `up`.
 #
+# The kubelet resyncs pods (and so ConfigMap volumes) every 10 s instead of its default 1 min,
+# so that live configuration changes reach pods quickly in tests.
+#
 # Order: leftovers of a crashed run cleaned -> bridge -> containerd (+ the pause image) ->
 # control plane (hack/kube-control-plane.sh, apiserver on the bridge address) -> client
 # certificates -> kube-scheduler -> kubelet -> node Ready -> kube-proxy. Idempotent: what
@@ -123,6 +126,7 @@ node_kubelet() {
     --resolv-conf="$NODE_STATE/etc/resolv.conf" \
     --cluster-dns="$GW" --cluster-domain="$CLUSTER_DOMAIN" \
     --fail-swap-on=false \
+    --sync-frequency=10s \
     --image-gc-high-threshold=100 --image-gc-low-threshold=99 \
     --eviction-hard='memory.available<100Mi,nodefs.available<1%,imagefs.available<1%' \
     --v=1

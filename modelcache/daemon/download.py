@@ -1,10 +1,16 @@
 """``modelcache download``: put a model on the model volume, verified, atomically.
 
-The daemon never downloads (HF_HUB_OFFLINE=1); the operator's init container runs this
-before the daemon starts. Files land in a temporary directory on the same filesystem,
-are checked (size and sha256 against the hub's metadata, or against the source for a
-local directory), described in ``.modelcache-manifest.json``, and only then renamed into
-place — a daemon never sees a partial or half-rewritten checkpoint.
+The daemon never downloads (HF_HUB_OFFLINE=1); the pod's ``fetch`` container (fetch.py)
+runs this for every hub model of the configuration, at start and whenever it changes. Files
+land in a temporary directory on the same filesystem, are checked (size and sha256 against
+the hub's metadata, or against the source for a local directory), described in
+``.modelcache-manifest.json``, and only then renamed into place — a daemon never sees a
+partial or half-rewritten checkpoint.
+
+A checkpoint already in place is checked against its manifest by file sizes only (it was
+hashed when it was written; ``verify=True`` hashes it again), and it is never replaced or
+removed: on a shared volume another pod may be reading it. One that fails the check is
+reported, for a person to remove.
 """
 
 from __future__ import annotations
@@ -51,18 +57,21 @@ def _manifest(root: Path, source: str, revision: str | None) -> dict[str, Any]:
 
 
 def _install(tmp: Path, dest: Path) -> None:
-    """Move a fully written and verified directory into place."""
+    """Move a fully written and verified directory into place; if another writer (a replica
+    sharing the volume) got there first, keep theirs: never rename over a directory that a
+    daemon may be reading."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    if dest.exists():
-        old = dest.with_name(f".old-{dest.name}-{os.getpid()}")
-        os.rename(dest, old)
+    try:
         os.rename(tmp, dest)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, dest)
+    except OSError:
+        if not dest.is_dir():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _existing_ok(dest: Path) -> bool:
+def existing_ok(dest: Path, verify: bool = False) -> bool:
+    """``dest`` holds what its manifest lists: the same files with the same sizes (and, with
+    ``verify``, the same sha256)."""
     manifest = dest / MANIFEST
     if not manifest.is_file():
         return False
@@ -70,8 +79,18 @@ def _existing_ok(dest: Path) -> bool:
         recorded = json.loads(manifest.read_text())
     except ValueError:
         return False
-    fresh = _manifest(dest, recorded.get("source", ""), recorded.get("revision"))
-    return bool(fresh["files"] == recorded.get("files"))
+    files = recorded.get("files")
+    if not isinstance(files, dict):
+        return False
+    if verify:
+        fresh = _manifest(dest, recorded.get("source", ""), recorded.get("revision"))
+        return bool(fresh["files"] == files)
+    present = {
+        p.relative_to(dest).as_posix(): p.stat().st_size
+        for p in dest.rglob("*")
+        if p.is_file() and p.name != MANIFEST
+    }
+    return present == {name: f.get("size") for name, f in files.items()}
 
 
 def _copy_local(source: Path, tmp: Path) -> None:
@@ -111,21 +130,31 @@ def _fetch_hub(repo_id: str, revision: str, tmp: Path) -> None:
             raise ModelLoadError("corrupt_weights", f"{sibling.rfilename}: sha256 mismatch")
 
 
-def download(source: str, to: Path, revision: str | None = None) -> Path:
-    """Fetch SOURCE (hub id + revision, or a local directory) into TO; return its path."""
+def destination(source: str, to: Path, revision: str | None) -> Path:
     local = Path(source)
     if local.is_dir():
-        dest = to / local.resolve().name
-    else:
-        if revision is None:
-            raise ModelLoadError(
-                "bad_config",
-                f"{source!r} is not a local directory, so it is "
-                "a hub id and needs --revision <commit sha>",
-            )
-        dest = hub_dir(to, source, revision)
-    if dest.is_dir() and _existing_ok(dest):
-        return dest
+        return to / local.resolve().name
+    if revision is None:
+        raise ModelLoadError(
+            "bad_config",
+            f"{source!r} is not a local directory, so it is "
+            "a hub id and needs --revision <commit sha>",
+        )
+    return hub_dir(to, source, revision)
+
+
+def download(source: str, to: Path, revision: str | None = None, verify: bool = False) -> Path:
+    """Fetch SOURCE (hub id + revision, or a local directory) into TO; return its path."""
+    local = Path(source)
+    dest = destination(source, to, revision)
+    if dest.is_dir():
+        if existing_ok(dest, verify):
+            return dest
+        raise ModelLoadError(
+            "corrupt_weights",
+            f"{dest} exists but does not match its manifest ({MANIFEST}); it is never "
+            "replaced while a daemon may read it: remove it to download again",
+        )
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-", dir=dest.parent))
     try:

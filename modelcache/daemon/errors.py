@@ -19,6 +19,8 @@ class ModelLoadError(Exception):
         "verify_failed",  # fingerprint or canary mismatch
         "out_of_memory",
         "device",  # device unavailable (e.g. cuda on a CPU node)
+        "download",  # the fetch container could not download it (auth, gated, network)
+        "downloading",  # not a failure: the fetch container is downloading it
         "internal",
     )
 

@@ -66,7 +66,12 @@ class HealthReporter:
         out: dict[str, int] = {}
         for e in self.registry.entries():
             s = served.get(e.spec.name)
-            ok = e.state is ModelState.READY and s is not None and s.batcher.healthy()
+            ok = (
+                not self.closed
+                and e.state is ModelState.READY
+                and s is not None
+                and s.batcher.healthy()
+            )
             out[e.spec.name] = SERVING if ok else NOT_SERVING
         overall = SERVING if all(v == SERVING for v in out.values()) else NOT_SERVING
         out[health.OVERALL_HEALTH] = out[SERVICE] = overall
@@ -91,6 +96,9 @@ class HealthReporter:
             return None
 
     async def shutdown(self) -> None:
+        """Every service NOT_SERVING (and /readyz 503) from now on; idempotent."""
+        if self.closed:
+            return
         self.closed = True
         await self.servicer.enter_graceful_shutdown()
 

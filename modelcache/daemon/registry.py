@@ -36,6 +36,7 @@ from dataclasses import dataclass, field, replace
 from modelcache.config import DaemonConfig, ModelSpec
 from modelcache.daemon.changes import ConfigChanges, diff
 from modelcache.daemon.errors import ModelLoadError
+from modelcache.daemon.fetch import fetch_state
 from modelcache.daemon.globalstate import LOAD_LOCK
 from modelcache.daemon.loader import (
     LoadedModel,
@@ -48,6 +49,8 @@ from modelcache.daemon.loadthread import Backoff, LoadThread, RetryTimers
 from modelcache.metrics import MODEL_LOADED, record_served
 
 log = logging.getLogger(__name__)
+#: Seconds between looks at a model the fetch container is still downloading.
+DOWNLOAD_POLL_S = 5.0
 
 
 class ModelState(enum.Enum):
@@ -339,18 +342,20 @@ class ModelRegistry:
         self._notify(name, ModelState.READY)  # also on a swap: READY with new weights
 
     def _failed(self, name: str, generation: int, exc: ModelLoadError) -> None:
-        delay = self.backoff.delay(0) if self.backoff else None
+        delay: float | None = None
         with self._lock:
             old = self._entries.get(name)
             if old is None or self._generation.get(name) != generation:
                 return
-            failures = old.failures + 1
+            waiting, exc = self._downloading(old.wanted, exc)
+            failures = old.failures + (0 if waiting else 1)
             if self.backoff is not None:
-                delay = self.backoff.delay(failures)
+                delay = DOWNLOAD_POLL_S if waiting else self.backoff.delay(failures)
             serving = old.state is ModelState.READY  # an update failed: the old weights stay
+            unserved = ModelState.PENDING if waiting else ModelState.FAILED
             self._entries[name] = replace(
                 old,
-                state=ModelState.READY if serving else ModelState.FAILED,
+                state=ModelState.READY if serving else unserved,
                 loaded=old.loaded if serving else None,
                 error=exc.message,
                 error_class=exc.error_class,
@@ -359,10 +364,24 @@ class ModelRegistry:
             )
         if not serving:
             MODEL_LOADED.labels(model=name).set(0)
-            self._notify(name, ModelState.FAILED)
+            self._notify(name, unserved)
         if delay is not None:
             log.info("model %s: retry %d in %.0fs", name, failures + 1, delay)
             self._timers.schedule(name, delay, lambda: self._retry(name, generation))
+
+    def _downloading(self, spec: ModelSpec, exc: ModelLoadError) -> tuple[bool, ModelLoadError]:
+        """A hub model missing from the volume: is the fetch container still downloading it
+        (not a failure: PENDING, looked at again soon), or did it fail (its reason)?"""
+        if exc.error_class != "not_found" or self.config.model_root is None:
+            return False, exc
+        state = fetch_state(self.config.model_root, spec)
+        if state is None:
+            return False, exc
+        if state.get("state") == "downloading":
+            return True, ModelLoadError("downloading", "being downloaded by the fetch container")
+        if state.get("state") == "failed":
+            return False, ModelLoadError("download", str(state.get("error", ""))[:1000])
+        return False, exc
 
     def _retry(self, name: str, generation: int) -> None:
         with self._lock:

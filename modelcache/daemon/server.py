@@ -320,7 +320,12 @@ async def _run(server: DaemonServer) -> None:
     await stop.wait()
     if watcher is not None:
         watcher.stop()
-    log.info("stopping: health NOT_SERVING, draining in-flight requests (%.0fs grace)", GRACE_S)
+    delay = server.settings.shutdown_delay_s
+    if delay > 0:
+        await server.reporter.shutdown()
+        log.info("stopping: NOT_SERVING, still answering for %.0fs", delay)
+        await asyncio.sleep(delay)
+    log.info("stopping: draining in-flight requests (%.0fs grace)", GRACE_S)
     await server.stop()
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
@@ -47,6 +48,9 @@ class ModelStatus(BaseModel):
     revision: str | None = None
     error: str | None = None
     error_class: str | None = None
+    load_failures: int | None = None
+    next_retry: str | None = None  # RFC 3339: the soonest automatic retry on any replica
+    pending_update: str | None = None  # a changed spec loading while the old one serves
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,9 @@ class ModelReport:
     fingerprint: str = ""
     weight_bytes: int = 0
     load_seconds: float | None = None
+    load_failures: int = 0
+    next_retry_unix: float = 0.0
+    pending_update: str = ""
 
 
 @dataclass(frozen=True)
@@ -72,6 +79,7 @@ class PodAnswer:
     pod: str
     models: tuple[ModelReport, ...] = ()
     error: str | None = None
+    config_hash: str = ""  # the configuration the daemon applied last
 
 
 def _details(r: ModelReport) -> dict[str, Any]:
@@ -81,6 +89,20 @@ def _details(r: ModelReport) -> dict[str, Any]:
         "revision": r.revision or None,
         "fingerprint": r.fingerprint or None,
         "weight_bytes": r.weight_bytes or None,
+    }
+
+
+def _rfc3339(unix: float) -> str:
+    return datetime.fromtimestamp(unix, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _retries(reports: Sequence[tuple[str, ModelReport]]) -> dict[str, Any]:
+    """Attempts and the soonest next retry of the reports that have them."""
+    failures = max((r.load_failures for _, r in reports), default=0)
+    nexts = [r.next_retry_unix for _, r in reports if r.next_retry_unix > 0]
+    return {
+        "load_failures": failures or None,
+        "next_retry": _rfc3339(min(nexts)) if nexts else None,
     }
 
 
@@ -100,6 +122,7 @@ def from_reports(
     ready = [(p, r) for p, r in reports if r.state == "READY"]
     failed = [(p, r) for p, r in reports if r.state == "FAILED"]
     loading = [r for _, r in reports if r.state == "LOADING"]
+    downloading = [r for _, r in reports if r.error_class == "downloading"]
     replicas = f"{len(ready)}/{answered}"
     if failed:
         first = failed[0][1]
@@ -111,6 +134,7 @@ def from_reports(
                 error=_errors(failed),
                 error_class=first.error_class or None,
                 **{**_details(first), "fingerprint": None},
+                **_retries(failed),
             )
         return ModelStatus(
             name=name,
@@ -135,13 +159,25 @@ def from_reports(
                 "model volume of the odd one out",
             )
         seconds = [r.load_seconds for _, r in ready if r.load_seconds is not None]
+        # A changed spec loading (or failing to) while these weights keep serving.
+        updating = [(p, r) for p, r in ready if r.pending_update]
+        update: dict[str, Any] = {}
+        if updating:
+            update = {"pending_update": updating[0][1].pending_update, **_retries(updating)}
+            failing = [(p, r) for p, r in updating if r.error]
+            if failing:
+                update["error"] = f"update failed, previous weights serve: {_errors(failing)}"
+                update["error_class"] = failing[0][1].error_class or None
         return ModelStatus(
             name=name,
             state=READY,
             ready_replicas=replicas,
             load_seconds=round(max(seconds), 3) if seconds else None,
             **_details(ready[0][1]),
+            **update,
         )
+    if downloading and not ready and not loading:
+        return ModelStatus(name=name, state=DOWNLOADING, ready_replicas=replicas)
     state = LOADING if (ready or loading) else PENDING
     return ModelStatus(name=name, state=state, ready_replicas=replicas)
 

@@ -4,9 +4,16 @@ Each takes the validated spec and the owner's identity and returns a plain manif
 API calls, so every field is unit-tested without a cluster and a reconcile either has all
 its manifests or none (no partial children). The daemon config is rendered through the
 daemon's own parser (``parse_config``), so the operator cannot write a file the daemon
-refuses. Two hashes drive rollouts: ``config-hash`` (the config file's bytes, which the pod
-template does not otherwise contain) and ``template-hash`` (the whole pod template), which
-tells pods of the current spec from pods of an older one.
+refuses.
+
+What rolls the pods and what does not: the config file (models, batching, log level) is
+mounted from a ConfigMap the kubelet updates in place, and the daemon and its fetch
+container follow it live, so a model edit changes no pod. Image, resources and scheduling
+are pod-level: they change the pod template, and the Deployment rolls with a surge and
+``minReadySeconds`` (a new pod must be Ready, i.e. serve every model, before an old one
+goes). ``template-hash`` (the whole pod template) tells pods of the current spec from pods
+of an older one; ``config_hash`` (the config file's bytes) is what the daemons report once
+they applied it (ListModels), so the status can count the pods that run the current one.
 """
 
 from __future__ import annotations
@@ -22,16 +29,18 @@ from modelcache.config import DaemonConfig, parse_config
 from modelcache.operator.containers import (
     CONFIG_FILE,
     DAEMON,
+    SHUTDOWN_DELAY_S,
     daemon_container,
-    download_containers,
+    fetch_container,
 )
 from modelcache.operator.spec import API_VERSION, KIND, ModelCacheSpec
 
 Manifest = dict[str, Any]
 
-CONFIG_HASH = "modelcache.io/config-hash"
 TEMPLATE_HASH = "modelcache.io/template-hash"
 RUN_AS = 10001  # any non-root uid: the image must not depend on it (HOME is /tmp)
+#: A new pod must stay Ready this long before the rollout takes an old one away.
+MIN_READY_SECONDS = 5
 
 
 @dataclass(frozen=True)
@@ -99,6 +108,7 @@ def render_config(spec: ModelCacheSpec) -> DaemonConfig:
             "models": [m.model_dump(mode="json") for m in spec.models],
             "model_root": spec.storage.mount_path,
             "batching": spec.batching.model_dump(mode="json"),
+            "log_level": spec.log_level,
         },
         origin="spec.models",
     )
@@ -228,9 +238,10 @@ def build_pod_template(spec: ModelCacheSpec, owner: Owner) -> Manifest:
             "fsGroup": RUN_AS,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "terminationGracePeriodSeconds": 30,
-        "initContainers": download_containers(spec),
-        "containers": [daemon_container(spec)],
+        # The shutdown delay, then up to the daemon's 10 s drain of in-flight requests.
+        "terminationGracePeriodSeconds": 30 + SHUTDOWN_DELAY_S,
+        "containers": [daemon_container(spec)]
+        + ([fetch_container(spec)] if spec.writable_storage else []),
         "volumes": [
             _model_volume(spec, owner),
             {"name": "config", "configMap": {"name": config_map_name(owner.name)}},
@@ -248,19 +259,31 @@ def build_pod_template(spec: ModelCacheSpec, owner: Owner) -> Manifest:
         "nodeSelector": spec.node_selector or None,
         "tolerations": [t.model_dump(by_alias=True, exclude_none=True) for t in spec.tolerations]
         or None,
-        "affinity": spec.affinity,
+        "affinity": _affinity(spec, owner),
         "imagePullSecrets": [{"name": s.name} for s in spec.image_pull_secrets] or None,
     }
     pod.update({k: v for k, v in optional.items() if v is not None})
-    template = {
-        "metadata": {
-            "labels": common_labels(owner.name),
-            "annotations": {CONFIG_HASH: config_hash(spec)},
-        },
-        "spec": pod,
-    }
-    template["metadata"]["annotations"][TEMPLATE_HASH] = digest(template)
+    template: dict[str, Any] = {"metadata": {"labels": common_labels(owner.name)}, "spec": pod}
+    template["metadata"]["annotations"] = {TEMPLATE_HASH: digest(template)}
     return template
+
+
+def _affinity(spec: ModelCacheSpec, owner: Owner) -> dict[str, Any] | None:
+    """The spec's affinity; with a ReadWriteOnce claim, also every pod on the node of the
+    others (a surge pod elsewhere would wait in Multi-Attach; the first pod, alone, matches
+    its own term and goes anywhere)."""
+    if not spec.single_node_volume:
+        return spec.affinity
+    together = {
+        "labelSelector": {"matchLabels": selector_labels(owner.name)},
+        "topologyKey": "kubernetes.io/hostname",
+    }
+    affinity = dict(spec.affinity or {})
+    pod_affinity = dict(affinity.get("podAffinity") or {})
+    required = list(pod_affinity.get("requiredDuringSchedulingIgnoredDuringExecution") or [])
+    pod_affinity["requiredDuringSchedulingIgnoredDuringExecution"] = [*required, together]
+    affinity["podAffinity"] = pod_affinity
+    return affinity
 
 
 def template_hash(spec: ModelCacheSpec, owner: Owner) -> str:
@@ -275,7 +298,6 @@ def build_deployment(spec: ModelCacheSpec, owner: Owner) -> Manifest:
     else:  # keep serving during a rollout: a new pod must download and load first
         strategy = {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
     meta = _meta(owner, owner.name)
-    meta["annotations"] = {CONFIG_HASH: template["metadata"]["annotations"][CONFIG_HASH]}
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -285,6 +307,7 @@ def build_deployment(spec: ModelCacheSpec, owner: Owner) -> Manifest:
             "revisionHistoryLimit": 3,
             "selector": {"matchLabels": selector_labels(owner.name)},
             "strategy": strategy,
+            "minReadySeconds": MIN_READY_SECONDS,
             "progressDeadlineSeconds": 1800,
             "template": template,
         },

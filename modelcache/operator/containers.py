@@ -1,8 +1,12 @@
-"""The containers of a daemon pod: one ``modelcache download`` init container per hub model,
-and the daemon itself, offline, with the model volume read-only.
+"""The containers of a daemon pod: the daemon itself, offline, with the model volume
+read-only, and the ``fetch`` container, which downloads the configuration's hub models onto
+the volume, at start and whenever the configuration gains one (no restart).
 
-Both run the same image; their command lines are checked against the real CLI parser in
-the tests, so a renamed flag breaks a unit test, not a rollout.
+Both run the same image and read the same config file, which the kubelet updates in place
+when the ConfigMap changes: the model set is live (the daemon re-reads it too), so neither
+the model list nor batching nor the log level is part of the pod template. Their command
+lines are checked against the real CLI parser in the tests, so a renamed flag breaks a unit
+test, not a rollout.
 """
 
 from __future__ import annotations
@@ -17,7 +21,11 @@ CONFIG_FILE = "config.yaml"
 CONFIG_DIR = "/etc/modelcache"
 TLS_DIR = "/etc/modelcache-tls"  # the spec.tls Secret, read-only (not under CONFIG_DIR)
 DAEMON = "daemon"
-DOWNLOAD_PREFIX = "download-"
+FETCH = "fetch"
+DOWNLOAD_PREFIX = "download-"  # init containers of operators before the live model set
+#: Seconds a stopping daemon keeps serving while it reports not-ready, so that Endpoints and
+#: kube-proxy drop it before it stops accepting (no refused connections in a rollout).
+SHUTDOWN_DELAY_S = 5
 
 
 def _container_name(prefix: str, index: int, model: str) -> str:
@@ -42,11 +50,11 @@ _SECURE = {
 }
 
 
-def download_containers(spec: ModelCacheSpec) -> list[Manifest]:
-    """One init container per hub model: ``modelcache download`` into the volume, which
-    writes to a temporary directory and renames it into place, so the daemon never sees a
-    partial checkpoint. Local sources are expected on the volume already. The daemon image
-    sets HF_HUB_OFFLINE=1 for serving; this is the one container that may go online."""
+def fetch_container(spec: ModelCacheSpec) -> Manifest:
+    """``modelcache fetch --watch``: every hub model of the config onto the volume, written to
+    a temporary directory and renamed into place (the daemon never sees a partial
+    checkpoint), one download per revision across replicas sharing the volume. The daemon
+    image sets HF_HUB_OFFLINE=1 for serving; this is the one container that goes online."""
     mount = spec.storage.mount_path
     env: list[dict[str, Any]] = [
         {"name": "HOME", "value": "/tmp"},
@@ -65,53 +73,38 @@ def download_containers(spec: ModelCacheSpec) -> list[Manifest]:
                 },
             }
         )
-    out = []
-    for i, m in enumerate(spec.models):
-        if not m.is_hub_id:
-            continue
-        assert m.revision is not None  # ModelSpec requires it for hub ids
-        out.append(
-            {
-                "name": _container_name(DOWNLOAD_PREFIX, i, m.name),
-                "image": spec.image,
-                "imagePullPolicy": spec.image_pull_policy,
-                "command": [
-                    "modelcache",
-                    "download",
-                    m.source,
-                    "--revision",
-                    m.revision,
-                    "--to",
-                    mount,
-                ],
-                "env": env,
-                "resources": {
-                    "requests": {"cpu": "100m", "memory": "256Mi"},
-                    "limits": {"memory": "2Gi"},
-                },
-                "volumeMounts": [
-                    {"name": "models", "mountPath": mount},
-                    {"name": "tmp", "mountPath": "/tmp"},
-                ],
-                "securityContext": _SECURE,
-                "terminationMessagePolicy": "FallbackToLogsOnError",
-            }
-        )
-    return out
+    return {
+        "name": FETCH,
+        "image": spec.image,
+        "imagePullPolicy": spec.image_pull_policy,
+        "command": [
+            "modelcache",
+            "fetch",
+            "--config",
+            f"{CONFIG_DIR}/{CONFIG_FILE}",
+            "--to",
+            mount,
+            "--watch",
+        ],
+        "env": env,
+        "resources": spec.fetch_resources.manifest(),
+        "volumeMounts": [
+            {"name": "models", "mountPath": mount},
+            {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+        "securityContext": _SECURE,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
 
 
 def daemon_container(spec: ModelCacheSpec) -> Manifest:
     p = spec.ports
-    resources = {
-        k: v
-        for k, v in (("limits", spec.resources.limits), ("requests", spec.resources.requests))
-        if v
-    }
     env: list[dict[str, Any]] = [
         {"name": "HOME", "value": "/tmp"},
         {"name": "HF_HUB_OFFLINE", "value": "1"},
         {"name": "TRANSFORMERS_OFFLINE", "value": "1"},
-        {"name": "MODELCACHE_LOG_LEVEL", "value": spec.log_level},
+        {"name": "MODELCACHE_SHUTDOWN_DELAY_S", "value": str(SHUTDOWN_DELAY_S)},
     ]
     mounts: list[dict[str, Any]] = [
         {"name": "models", "mountPath": spec.storage.mount_path, "readOnly": True},
@@ -149,24 +142,30 @@ def daemon_container(spec: ModelCacheSpec) -> Manifest:
             {"name": "grpc", "containerPort": p.grpc, "protocol": "TCP"},
             {"name": "metrics", "containerPort": p.metrics, "protocol": "TCP"},
         ],
-        # Ready once the gRPC port accepts: ListModels then tells which models loaded.
+        # HTTP on the metrics port (works with gRPC TLS, on every Kubernetes version).
+        # Ready: every configured model is loaded and serving; a loading or failed model
+        # keeps the pod out of its Services (and a rollout waits for it).
         "readinessProbe": {
-            "tcpSocket": {"port": "grpc"},
-            "periodSeconds": 5,
+            "httpGet": {"path": "/readyz", "port": "metrics"},
+            "periodSeconds": 2,
+            "timeoutSeconds": 2,
             "failureThreshold": 2,
         },
+        # Live: the event loop and the batch workers make progress (loading is alive).
         "livenessProbe": {
-            "tcpSocket": {"port": "grpc"},
-            "periodSeconds": 20,
-            "failureThreshold": 6,
-        },
-        # Loading a large model can take many minutes before the port opens.
-        "startupProbe": {
-            "tcpSocket": {"port": "grpc"},
+            "httpGet": {"path": "/livez", "port": "metrics"},
             "periodSeconds": 10,
-            "failureThreshold": 360,
+            "timeoutSeconds": 5,
+            "failureThreshold": 3,
         },
-        "resources": resources,
+        # Imports and file resolution happen before the loop runs: up to 10 minutes.
+        "startupProbe": {
+            "httpGet": {"path": "/livez", "port": "metrics"},
+            "periodSeconds": 2,
+            "timeoutSeconds": 2,
+            "failureThreshold": 300,
+        },
+        "resources": spec.resources.manifest(),
         "volumeMounts": mounts,
         "securityContext": _SECURE,
         "terminationMessagePolicy": "FallbackToLogsOnError",

@@ -102,6 +102,9 @@ def to_report(m: modelcache_pb2.ModelStatus) -> ModelReport:
         fingerprint=m.fingerprint,
         weight_bytes=int(m.weight_bytes),
         load_seconds=float(total) if total is not None else None,
+        load_failures=int(m.load_failures),
+        next_retry_unix=float(m.next_retry_unix),
+        pending_update=m.pending_update,
     )
 
 
@@ -135,7 +138,9 @@ def list_models(
                 answers[target.pod] = PodAnswer(target.pod, error=_describe(exc))
                 continue
             answers[target.pod] = PodAnswer(
-                target.pod, models=tuple(to_report(m) for m in reply.models)
+                target.pod,
+                models=tuple(to_report(m) for m in reply.models),
+                config_hash=reply.config_hash,
             )
         return answers
     finally:

@@ -48,7 +48,10 @@ def _child_event(applied: children.Applied, config_hash: str) -> Event | None:
     if applied.action == children.CREATED:
         return Event("Normal", "Created", f"created {applied.kind} {applied.name}")
     if applied.action == children.UPDATED:
-        note = f": rolling out config {config_hash}" if applied.kind == "Deployment" else ""
+        note = {
+            "Deployment": ": rolling out new pods",
+            "ConfigMap": f": config {config_hash}, applied live by the running daemons",
+        }.get(applied.kind, "")
         return Event("Normal", "Updated", f"updated {applied.kind} {applied.name}{note}")
     return None
 

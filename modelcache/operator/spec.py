@@ -98,6 +98,9 @@ class Resources(_CamelModel):
     limits: dict[str, int | str] = {}
     requests: dict[str, int | str] = {}
 
+    def manifest(self) -> dict[str, dict[str, int | str]]:
+        return {k: v for k, v in (("limits", self.limits), ("requests", self.requests)) if v}
+
     def gpus(self) -> int:
         value = self.limits.get(GPU_RESOURCE, 0)
         return int(value) if str(value).isdigit() else 0
@@ -145,6 +148,9 @@ class ModelCacheSpec(_CamelModel):
     ports: Ports = Ports()
     batching: BatchingConfig = BatchingConfig()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    fetch_resources: Resources = Resources(
+        requests={"cpu": "10m", "memory": "64Mi"}, limits={"memory": "1Gi"}
+    )
     hf_token_secret: SecretKeyRef | None = None
     tls: Tls | None = None
 
@@ -186,11 +192,45 @@ class ModelCacheSpec(_CamelModel):
                 f"image {self.image!r} uses the moving tag 'latest': pin a version "
                 "tag or a digest (@sha256:...) so every replica runs the same code"
             )
+        self._storage_fits()
         if self.ports.grpc == self.ports.metrics:
             raise ValueError(
                 f"ports.grpc and ports.metrics are both {self.ports.grpc}: they must differ"
             )
         return self
+
+    def _storage_fits(self) -> None:
+        """Storage the pods cannot use as asked: refused, saying what to use instead."""
+        pvc = self.storage.pvc
+        if pvc is None:
+            return
+        modes = set(pvc.access_modes)
+        if modes == {"ReadWriteOnce"} and self.replicas > 1:
+            raise ValueError(
+                f"storage.pvc.accessModes is [ReadWriteOnce] with replicas {self.replicas}: "
+                "one node mounts such a volume, so the other replicas would wait in "
+                "Multi-Attach. Use accessModes [ReadWriteMany] (a shared cache, one download "
+                "per model), or emptyDir/hostPath (a copy per pod or node), or replicas 1"
+            )
+        hub = [m.name for m in self.models if m.is_hub_id]
+        if modes == {"ReadOnlyMany"} and hub:
+            raise ValueError(
+                f"storage.pvc.accessModes is [ReadOnlyMany] but models {', '.join(hub)} come "
+                "from the hub and must be downloaded onto the volume: use ReadWriteMany, or "
+                "put the models on the volume beforehand and give local sources"
+            )
+
+    @property
+    def writable_storage(self) -> bool:
+        """Whether the pods may write the model volume (the fetch container does)."""
+        pvc = self.storage.pvc
+        return pvc is None or set(pvc.access_modes) != {"ReadOnlyMany"}
+
+    @property
+    def single_node_volume(self) -> bool:
+        """A ReadWriteOnce claim: every pod of a rollout must run on its node."""
+        pvc = self.storage.pvc
+        return pvc is not None and set(pvc.access_modes) == {"ReadWriteOnce"}
 
 
 def _loc(loc: tuple[int | str, ...]) -> str:

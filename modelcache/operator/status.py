@@ -54,6 +54,7 @@ class CacheStatus(_Camel):
     ready_replicas: str = ""
     endpoint: str | None = None
     config_hash: str | None = None
+    configured_replicas: str = ""
     conditions: tuple[Condition, ...] = ()
     models: tuple[ModelStatus, ...] = ()
 
@@ -281,11 +282,13 @@ def derive_status(obs: Observation) -> CacheStatus:
         verdict.phase, verdict.reason, verdict.message = PENDING, "Creating", msg
     n_ready = sum(m.state == READY for m in models)
     ready_pods = sum(v.ready for v in current)
+    configured = sum(a.config_hash == obs.config_hash for a in answers.values())
     return CacheStatus(
         phase=verdict.phase,
         conditions=_conditions(obs, verdict),
         models=models,
         ready_models=f"{n_ready}/{len(models)}",
         ready_replicas=f"{ready_pods}/{spec.replicas}",
+        configured_replicas=f"{configured}/{len(answers)}" if answers else "",
         **common,
     )

@@ -115,7 +115,11 @@ def modelcache(
         "spec": {
             "image": "registry.invalid/modelcache:0.1.0",
             "models": models,
-            "storage": {"mountPath": str(volume), "pvc": {"size": "1Gi"}},
+            # a shared (ReadWriteMany) volume: any number of replicas may mount it
+            "storage": {
+                "mountPath": str(volume),
+                "pvc": {"size": "1Gi", "accessModes": ["ReadWriteMany"]},
+            },
             "resources": {"requests": {"cpu": "100m"}},
             **spec,
         },

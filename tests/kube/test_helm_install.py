@@ -334,7 +334,7 @@ def modelcache(name: str, replicas: int = 1) -> dict[str, Any]:
             "models": [
                 {"name": "minilm", "source": "minilm", "task": "embedding", "device": "cpu"}
             ],
-            "storage": {"pvc": {"size": "1Gi"}},
+            "storage": {"pvc": {"size": "1Gi", "accessModes": ["ReadWriteMany"]}},
             "resources": {"requests": {"cpu": "100m"}},
         },
     }

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 from kubernetes import client
 
 from .cluster import KubeEnv, control_plane_running, run_script
@@ -97,16 +98,16 @@ def _start(
 def _edit_and_converge(
     admin: client.ApiClient, env: KubeEnv, ns: str, op: Operator, tmp: Path
 ) -> None:
-    """A spec edit after the fault rolls the Deployment and refreshes the status."""
+    """A spec edit after the fault reaches the children and refreshes the status."""
     t0 = time.monotonic()
     apply(env, ns, modelcache("cache", tmp, [BROKEN], replicas=2, logLevel="DEBUG"))
 
     def rolled() -> bool:
-        dep = children(admin, ns, "cache")["Deployment"]
-        envs = {e.name: e.value for e in dep.spec.template.spec.containers[0].env}
-        return bool(dep.spec.replicas == 2 and envs.get("MODELCACHE_LOG_LEVEL") == "DEBUG")
+        kids = children(admin, ns, "cache")
+        config = yaml.safe_load(kids["ConfigMap"].data["config.yaml"])
+        return bool(kids["Deployment"].spec.replicas == 2 and config["log_level"] == "DEBUG")
 
-    wait_for("the Deployment to roll", rolled, timeout=90)
+    wait_for("the Deployment scaled and the config updated", rolled, timeout=90)
     status_of(
         admin,
         ns,

@@ -145,19 +145,16 @@ def test_end_to_end(
     status_of(admin, ns, "cache", lambda s: s.get("phase") == "Pending", "phase Pending")
     timings["children"] = time.monotonic() - t0
 
-    # --- the kubelet: download (for real, offline from the node cache), then serve -----
-    play_kubelet(admin, ns, pod.metadata.name, init="running", daemon="waiting")
-    status_of(
-        admin,
-        ns,
-        "cache",
-        lambda s: s.get("phase") == "Downloading" and s["models"][0]["state"] == "Downloading",
-        "phase Downloading",
-    )
-    [init] = pod.spec.init_containers
-    run_init_container(init.command, tmp_path / "init.log")
+    # --- the kubelet runs the pod: the fetch container finds the hub model already on the
+    # volume (a verified cache: nothing is downloaded), the daemon serves ----------------
+    _, fetch_c = pod.spec.containers
+    assert [c.name for c in pod.spec.containers] == ["daemon", "fetch"]
     config_file = tmp_path / "config.yaml"
     config_file.write_text(kids["ConfigMap"].data["config.yaml"])
+    fetch_cmd = [
+        config_file.as_posix() if a == "/etc/modelcache/config.yaml" else a for a in fetch_c.command
+    ]
+    run_init_container([a for a in fetch_cmd if a != "--watch"], tmp_path / "fetch.log")
     daemon = Daemon(config_file, daemon_port, tmp_path / "daemon.log")
     try:
         play_kubelet(admin, ns, pod.metadata.name, init="done", daemon="running")
@@ -175,59 +172,88 @@ def test_end_to_end(
             timeout=120,
         )
         timings["degraded"] = time.monotonic() - t0
+        assert status["configuredReplicas"] == "1/1"
+        assert status["models"][1]["loadFailures"] >= 1 and status["models"][1]["nextRetry"]
+        good, broken = status["models"]
+        assert good["loadSeconds"] > 0 and re.fullmatch(r"[0-9a-f]{64}", good["fingerprint"])
+        assert (
+            good["weightBytes"] > 0 and good["device"] == "cpu" and good["readyReplicas"] == "1/1"
+        )
+        assert broken["errorClass"] == "not_found"
+        assert "no model.safetensors" in broken["error"] and "(pod " in broken["error"]
+        assert (status["readyModels"], status["readyReplicas"]) == ("1/2", "1/1")
+        assert status["endpoint"] == f"dns:///cache.{ns}.svc.cluster.local:50051"
+        conds = {c["type"]: c for c in status["conditions"]}
+        assert (conds["Ready"]["status"], conds["Ready"]["reason"]) == ("False", "ModelFailed")
+        assert conds["Degraded"]["status"] == "True" and "broken" in conds["Degraded"]["message"]
+        row = kubectl(kube_env, "get", "mc", "cache", "-n", ns, "--no-headers").stdout.split()
+        assert row[1:4] == ["1/2", "1/1", "Degraded"], row
+
+        by_reason = wait_for(
+            "the Events",
+            lambda: (
+                e
+                if {"ModelReady", "ModelFailed", "Degraded", "Created"}
+                <= set(e := _events_by_reason(admin, ns, "cache"))
+                else None
+            ),
+        )
+        assert len(by_reason["Created"]) == 5  # ConfigMap, PVC, two Services, Deployment
+        assert by_reason["ModelFailed"][0].type == "Warning"
+        assert "model good ready in" in by_reason["ModelReady"][0].message
+        assert {e.reporting_instance for es in by_reason.values() for e in es} == {"op-a"}
+
+        # --- edit the models: the ConfigMap changes, the running daemon follows it; no
+        # new pod ---------------------------------------------------------------------
+        template_before = kids["Deployment"].spec.template.metadata.annotations
+        apply(kube_env, ns, modelcache("cache", volume, [GOOD]))
+        new_config = wait_for(
+            "the ConfigMap to change",
+            lambda: (
+                c.data["config.yaml"]
+                if (
+                    c := client.CoreV1Api(admin).read_namespaced_config_map("cache-config", ns)
+                ).data["config.yaml"]
+                != kids["ConfigMap"].data["config.yaml"]
+                else None
+            ),
+        )
+        config_file.write_text(new_config)  # what the kubelet does to the mounted file
+        status = status_of(
+            admin,
+            ns,
+            "cache",
+            lambda s: s.get("phase") == "Ready" and s.get("configuredReplicas") == "1/1",
+            "phase Ready with the new config, in the same pod",
+            timeout=120,
+        )
+        assert status["readyModels"] == "1/1" and status["observedGeneration"] == 2
+        dep = client.AppsV1Api(admin).read_namespaced_deployment("cache", ns)
+        assert dep.spec.template.metadata.annotations == template_before
+        assert [p.metadata.name for p in pods(admin, ns, "cache")] == [pod.metadata.name]
     finally:
         daemon.stop()
-    good, broken = status["models"]
-    assert good["loadSeconds"] > 0 and re.fullmatch(r"[0-9a-f]{64}", good["fingerprint"])
-    assert good["weightBytes"] > 0 and good["device"] == "cpu" and good["readyReplicas"] == "1/1"
-    assert broken["errorClass"] == "not_found"
-    assert "no model.safetensors" in broken["error"] and "(pod " in broken["error"]
-    assert (status["readyModels"], status["readyReplicas"]) == ("1/2", "1/1")
-    assert status["endpoint"] == f"dns:///cache.{ns}.svc.cluster.local:50051"
-    conds = {c["type"]: c for c in status["conditions"]}
-    assert (conds["Ready"]["status"], conds["Ready"]["reason"]) == ("False", "ModelFailed")
-    assert conds["Degraded"]["status"] == "True" and "broken" in conds["Degraded"]["message"]
-    row = kubectl(kube_env, "get", "mc", "cache", "-n", ns, "--no-headers").stdout.split()
-    assert row[1:4] == ["1/2", "1/1", "Degraded"], row
-
-    by_reason = wait_for(
-        "the Events",
-        lambda: (
-            e
-            if {"ModelReady", "ModelFailed", "Degraded", "Created"}
-            <= set(e := _events_by_reason(admin, ns, "cache"))
-            else None
-        ),
+    # --- a pod-level change (resources): the Deployment rolls, the new pod serves -------
+    dep_before = client.AppsV1Api(admin).read_namespaced_deployment("cache", ns)
+    template_before = dep_before.spec.template.metadata.annotations
+    apply(
+        kube_env,
+        ns,
+        modelcache("cache", volume, [GOOD], resources={"requests": {"cpu": "200m"}}),
     )
-    assert len(by_reason["Created"]) == 5  # ConfigMap, PVC, two Services, Deployment
-    assert by_reason["ModelFailed"][0].type == "Warning"
-    assert "model good ready in" in by_reason["ModelReady"][0].message
-    assert {e.reporting_instance for es in by_reason.values() for e in es} == {"op-a"}
-
-    # --- edit the spec: the Deployment rolls, the new pod serves the new config --------
-    dep_before = kids["Deployment"].spec.template.metadata.annotations
-    apply(kube_env, ns, modelcache("cache", volume, [GOOD]))
-    dep = wait_for(
+    wait_for(
         "the Deployment to roll",
         lambda: (
-            d
-            if (
-                d := client.AppsV1Api(admin).read_namespaced_deployment("cache", ns)
-            ).spec.template.metadata.annotations
-            != dep_before
-            else None
+            client.AppsV1Api(admin)
+            .read_namespaced_deployment("cache", ns)
+            .spec.template.metadata.annotations
+            != template_before
         ),
-    )
-    assert (
-        dep.spec.template.metadata.annotations["modelcache.io/config-hash"]
-        != dep_before["modelcache.io/config-hash"]
     )
     new_pod = wait_for(
         "the new pod",
         lambda: [p for p in pods(admin, ns, "cache") if p.metadata.name != pod.metadata.name],
     )[0]
-    new_config = client.CoreV1Api(admin).read_namespaced_config_map("cache-config", ns)
-    config_file.write_text(new_config.data["config.yaml"])
     status_of(
         admin,
         ns,
@@ -245,20 +271,20 @@ def test_end_to_end(
             admin,
             ns,
             "cache",
-            lambda s: s.get("phase") == "Ready",
+            lambda s: s.get("phase") == "Ready" and s.get("observedGeneration") == 3,
             "phase Ready after the rollout",
             timeout=120,
         )
     finally:
         daemon.stop()
-    assert status["readyModels"] == "1/1" and status["observedGeneration"] == 2
+    assert status["readyModels"] == "1/1"
     wait_for(
         "the old pod to go",
         lambda: [p.metadata.name for p in pods(admin, ns, "cache")] == [new_pod.metadata.name],
     )
-    assert any(
-        "rolling out" in e.message for e in _events_by_reason(admin, ns, "cache").get("Updated", [])
-    )
+    updated = [e.message for e in _events_by_reason(admin, ns, "cache").get("Updated", [])]
+    assert any("applied live" in m for m in updated), updated
+    assert any("rolling out new pods" in m for m in updated), updated
     timings["rolled out"] = time.monotonic() - t0
 
     assert json.loads(http_get(op.liveness_port, "/healthz")) == {"modelcaches": 1}
