@@ -12,7 +12,7 @@
 #   package to constraints.txt): the host and the container resolve the same versions
 #   (seed 002). tests/test_dockerfiles.py keeps these pins in step with pyproject.toml.
 # * No model weights: models live on the ModelCache's volume, fetched by the operator's
-#   `modelcache download` init container. HF_HUB_OFFLINE=1: the daemon never downloads.
+#   `modelcache fetch` container (same image). HF_HUB_OFFLINE=1: the daemon never downloads.
 # * Runs as a non-root uid (10001, any uid works: HOME is /tmp) on a read-only root
 #   filesystem: bytecode is compiled at build time, caches go to /tmp (an emptyDir).
 # * Python: the base image's python3.11 when it has one (python:3.11-slim, Debian bookworm),
