@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml constraints.txt
 	@command -v $(PY) >/dev/null || { echo "need $(PY)"; exit 1; }
 	[ -x $(BIN)/python ] || $(PY) -m venv $(VENV)
 	# constraints.txt pins every transitive dependency (seed 002); torch comes from the local CPU wheel.
+	# The dev extra brings the daemon and operator extras (exact pins); the base install is
+	# only the client (README: In a training pod).
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 

@@ -8,9 +8,9 @@
 #     --build-arg BASE_IMAGE=python:3.11.14-slim-bookworm \
 #     --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu .
 #
-# * torch and transformers are pinned to exactly the versions of pyproject.toml (every other
-#   package to constraints.txt): the host and the container resolve the same versions
-#   (seed 002). tests/test_dockerfiles.py keeps these pins in step with pyproject.toml.
+# * The daemon extra of pyproject.toml: torch and transformers pinned to exactly its versions
+#   (every other package to constraints.txt): the host and the container resolve the same
+#   versions (seed 002). tests/test_dockerfiles.py keeps these pins in step with it.
 # * No model weights: models live on the ModelCache's volume, fetched by the operator's
 #   `modelcache fetch` container (same image). HF_HUB_OFFLINE=1: the daemon never downloads.
 # * Runs as a non-root uid (10001, any uid works: HOME is /tmp) on a read-only root
@@ -49,7 +49,7 @@ COPY pyproject.toml constraints.txt README.md ./
 # and everything else from PyPI, every version pinned by constraints.txt.
 RUN uv pip install --python /opt/venv/bin/python --index-url "${TORCH_INDEX_URL}" --no-deps \
         "torch==${TORCH_VERSION}" \
- && uv pip install --python /opt/venv/bin/python -c constraints.txt -r pyproject.toml \
+ && uv pip install --python /opt/venv/bin/python -c constraints.txt -r pyproject.toml --extra daemon \
         "torch==${TORCH_VERSION}" "transformers==${TRANSFORMERS_VERSION}"
 COPY modelcache ./modelcache
 RUN uv pip install --python /opt/venv/bin/python --no-deps . \

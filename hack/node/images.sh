@@ -157,7 +157,8 @@ EOF
 }
 
 # ----------------------------------------------------------------------------- wheels
-# Every runtime dependency of pyproject.toml plus the build backend, pinned by constraints.txt.
+# The daemon and operator extras of pyproject.toml plus the build backend, pinned by
+# constraints.txt.
 build_wheelhouse() {
   local key reqs tmp
   key="$(cat "$REPO_ROOT/pyproject.toml" "$REPO_ROOT/constraints.txt" <(echo "$WHEELHOUSE_REV") | sha)"
@@ -167,7 +168,8 @@ build_wheelhouse() {
   reqs="$("$PYTHON" - "$REPO_ROOT/pyproject.toml" <<'EOF'
 import sys, tomllib
 p = tomllib.load(open(sys.argv[1], "rb"))
-deps = list(p["project"]["dependencies"]) + list(p["build-system"]["requires"])
+extras = p["project"]["optional-dependencies"]
+deps = extras["daemon"] + extras["operator"] + list(p["build-system"]["requires"])
 # The CPU build of torch (the local wheel): a plain pin could take the CUDA build from PyPI.
 print("\n".join(d + "+cpu" if d.startswith("torch==") else d for d in deps))
 EOF

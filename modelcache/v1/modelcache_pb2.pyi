@@ -2,8 +2,7 @@ from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable, Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Mapping, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -17,7 +16,7 @@ class EmbedRequest(_message.Message):
     inputs: _containers.RepeatedScalarFieldContainer[str]
     normalize: bool
     truncate: bool
-    def __init__(self, model: _Optional[str] = ..., inputs: _Optional[_Iterable[str]] = ..., normalize: _Optional[bool] = ..., truncate: _Optional[bool] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., inputs: _Optional[_Iterable[str]] = ..., normalize: bool = ..., truncate: bool = ...) -> None: ...
 
 class EmbedResponse(_message.Message):
     __slots__ = ("model", "embeddings", "rows", "dims", "token_counts", "revision", "fingerprint")
@@ -61,7 +60,7 @@ class LogProbsRequest(_message.Message):
     entropy: bool
     expected_logprob: bool
     rank: bool
-    def __init__(self, model: _Optional[str] = ..., inputs: _Optional[_Iterable[str]] = ..., token_ids: _Optional[_Iterable[_Union[TokenIds, _Mapping]]] = ..., top_k: _Optional[int] = ..., truncate: _Optional[bool] = ..., entropy: _Optional[bool] = ..., expected_logprob: _Optional[bool] = ..., rank: _Optional[bool] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., inputs: _Optional[_Iterable[str]] = ..., token_ids: _Optional[_Iterable[_Union[TokenIds, _Mapping]]] = ..., top_k: _Optional[int] = ..., truncate: bool = ..., entropy: bool = ..., expected_logprob: bool = ..., rank: bool = ...) -> None: ...
 
 class SequenceLogProbs(_message.Message):
     __slots__ = ("token_ids", "logprobs", "entropy", "expected_logprob", "logprob_variance", "rank", "top_k_ids", "top_k_logprobs", "num_tokens")
