@@ -214,6 +214,9 @@ def test_operator_image_has_every_module_the_operator_imports() -> None:
     assert len(runs) == 1, runs
     listed = runs[0].split("-c constraints.txt", 1)[1].split("&&")[0].split()
     assert "kopf" in listed, runs
+    # the image installs exactly the operator extra of pyproject.toml
+    extra = PYPROJECT["project"]["optional-dependencies"]["operator"]
+    assert {n.lower() for n in listed} == {d.split("==")[0].lower() for d in extra}
     import modelcache.operator as op
 
     modules = sorted(
