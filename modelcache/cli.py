@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,15 @@ def _offline() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _stop_now(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def _serve(args: argparse.Namespace) -> int:
+    # SIGTERM honoured from the first instant: before the event loop (and its graceful
+    # handlers) exists, the imports and the model preparation can take a while, and the
+    # kubelet must not wait out its grace period for a process that ignores it.
+    signal.signal(signal.SIGTERM, _stop_now)
     _offline()
     from modelcache.config import load_config
     from modelcache.daemon.server import serve

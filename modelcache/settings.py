@@ -44,5 +44,12 @@ class DaemonSettings(BaseSettings):
     # On SIGTERM, keep serving this long while health and /readyz say NOT_SERVING, so that
     # load balancers (Endpoints, kube-proxy) stop sending before the port closes.
     shutdown_delay_s: float = Field(0.0, ge=0, le=300)
+    # Seconds in-flight requests get to finish when the daemon stops (and when a removed or
+    # replaced model's worker drains).
+    drain_s: float = Field(10.0, ge=0, le=3000)
+    # A client connection is closed (GOAWAY) after this many seconds, plus a grace for the
+    # calls on it, so round-robin clients re-resolve and reach replicas added since; 0: never.
+    max_connection_age_s: float = Field(300.0, ge=0)
+    max_connection_age_grace_s: float = Field(30.0, ge=0)
     # /livez fails when the event loop has not run for this many seconds.
     liveness_loop_stall_s: float = Field(30.0, gt=0)

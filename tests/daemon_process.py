@@ -25,7 +25,7 @@ import yaml
 from modelcache.v1 import modelcache_pb2 as pb
 from modelcache.v1 import modelcache_pb2_grpc as pb_grpc
 
-_BOUND = re.compile(rb"gRPC on 127\.0\.0\.1:(\d+) \(")
+_BOUND = re.compile(rb"gRPC on 127\.\d+\.\d+\.\d+:(\d+) \(")
 _METRICS = re.compile(rb"metrics on http://127\.0\.0\.1:(\d+)/metrics")
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,8 +60,9 @@ class ServeProcess:
         port: int = 0,
         env: dict[str, str] | None = None,
         name: str = "daemon",
+        host: str = "127.0.0.1",
     ) -> None:
-        self.config, self.workdir, self.port = config, workdir, port
+        self.config, self.workdir, self.port, self.host = config, workdir, port, host
         self.env = {
             **os.environ,
             "HF_HUB_OFFLINE": "1",
@@ -76,7 +77,7 @@ class ServeProcess:
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     @property
     def pid(self) -> int:
@@ -105,7 +106,7 @@ class ServeProcess:
                     "--config",
                     str(cfg),
                     "--host",
-                    "127.0.0.1",
+                    self.host,
                     "--port",
                     str(self.port),
                     "--metrics-port",

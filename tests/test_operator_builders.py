@@ -57,6 +57,7 @@ def test_every_child_has_owner_reference_labels_and_namespace() -> None:
         "PersistentVolumeClaim",
         "Service",
         "Service",
+        "PodDisruptionBudget",
         "Deployment",
     ]
     for k in kids:
@@ -329,3 +330,78 @@ def test_a_changed_cluster_ip_service_keeps_its_virtual_ip() -> None:
     assert plan.body["spec"]["clusterIPs"] == ["10.96.3.4"]
     assert plan.body["spec"]["ports"][0]["port"] == 6000
     assert plan.body["metadata"]["resourceVersion"] == "7"
+
+
+def test_scheduling_passthrough_spreading_and_disruption_budget() -> None:
+    s = spec(
+        priorityClassName="ml-high",
+        runtimeClassName="nvidia",
+        podAnnotations={"karpenter.sh/do-not-disrupt": "true"},
+        podLabels={"kueue.x-k8s.io/queue-name": "gpu", "app.kubernetes.io/name": "spoof"},
+        env=[{"name": "HF_ENDPOINT", "value": "https://mirror.internal"}],
+        terminationGracePeriodSeconds=60,
+        drainSeconds=30,
+        replicas=3,
+        storage={"emptyDir": {}},
+    )
+    pod_template = builders.build_pod_template(s, OWNER)
+    pod = pod_template["spec"]
+    assert (pod["priorityClassName"], pod["runtimeClassName"]) == ("ml-high", "nvidia")
+    assert pod["terminationGracePeriodSeconds"] == 60
+    meta = pod_template["metadata"]
+    assert meta["annotations"]["karpenter.sh/do-not-disrupt"] == "true"
+    assert meta["labels"]["kueue.x-k8s.io/queue-name"] == "gpu"
+    assert meta["labels"]["app.kubernetes.io/name"] == "modelcache"  # the selector's, not theirs
+    for c in pod["containers"]:
+        assert {"name": "HF_ENDPOINT", "value": "https://mirror.internal"} in c["env"]
+    daemon_env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert daemon_env["MODELCACHE_DRAIN_S"] == "30"
+    # spread over nodes by default; [] turns it off
+    (spread,) = pod["topologySpreadConstraints"]
+    assert spread["topologyKey"] == "kubernetes.io/hostname"
+    assert spread["whenUnsatisfiable"] == "ScheduleAnyway"
+    assert (
+        "topologySpreadConstraints"
+        not in builders.build_pod_template(spec(topologySpreadConstraints=[]), OWNER)["spec"]
+    )
+    pdb = builders.build_pdb(s, OWNER)
+    assert pdb is not None and pdb["spec"] == {
+        "maxUnavailable": 1,
+        "selector": {"matchLabels": builders.selector_labels("cache")},
+    }
+    assert builders.build_pdb(spec(podDisruptionBudget={"enabled": False}), OWNER) is None
+    with pytest.raises(SpecError, match=r"terminationGracePeriodSeconds is 20.*at least 40"):
+        spec(terminationGracePeriodSeconds=20, drainSeconds=30)
+
+
+def test_gpu_resource_names_and_models_spread_over_the_gpus() -> None:
+    mig = spec(
+        gpuResource="nvidia.com/mig-1g.10gb",
+        resources={"limits": {"nvidia.com/mig-1g.10gb": 1}},
+    )
+    assert {m.device for m in mig.models} == {"cuda"}
+    amd = parse_spec(
+        "cache",
+        {
+            **spec_dict(),
+            "gpuResource": "amd.com/gpu",
+            "resources": {"limits": {"amd.com/gpu": 2}},
+            "models": [
+                {"name": f"m{i}", "source": f"local{i}", "task": "embedding"} for i in range(3)
+            ]
+            + [{"name": "pinned", "source": "p", "task": "embedding", "device": "cuda:0"}],
+        },
+    )
+    assert [m.device for m in amd.models] == ["cuda:0", "cuda:1", "cuda:0", "cuda:0"]
+    # a GPU resource the pod does not get leaves the models on the CPU...
+    assert {m.device for m in spec(resources={"limits": {"amd.com/gpu": 1}}).models} == {"cpu"}
+    # ...and naming a device it does not get says which resource to set
+    with pytest.raises(SpecError, match=r"resources.limits\['amd.com/gpu'\]"):
+        parse_spec(
+            "cache",
+            {
+                **spec_dict(),
+                "gpuResource": "amd.com/gpu",
+                "models": [{"name": "a", "source": "a", "task": "embedding", "device": "cuda"}],
+            },
+        )

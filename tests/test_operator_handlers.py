@@ -170,10 +170,17 @@ def test_a_tick_that_ends_after_the_delete_does_not_bring_the_series_back() -> N
     memo = kopf.Memo(reconciler=_Reconciler(CacheStatus(phase="Ready")))
     handlers.refresh(body=_body("gone", {"observedGeneration": 2}), patch=kopf.Patch(), memo=memo)
     assert _ready("gone") == 1.0
-    handlers.deleted(name="gone", namespace="t-handlers", logger=logging.getLogger("t"))
+    uid = _body("gone", {})["metadata"]["uid"]
+    handlers.deleted(
+        type="DELETED", name="gone", namespace="t-handlers", uid=uid, logger=logging.getLogger("t")
+    )
     assert _ready("gone") is None
     deleting = _body("gone", {"observedGeneration": 2}, deletionTimestamp="2026-11-23T00:00:00Z")
     handlers.refresh(body=deleting, patch=kopf.Patch(), memo=memo)
+    assert _ready("gone") is None
+    # No finalizer: a tick that began before the deletion holds a body without a
+    # deletionTimestamp, and still must not bring the series back.
+    handlers.refresh(body=_body("gone", {"observedGeneration": 2}), patch=kopf.Patch(), memo=memo)
     assert _ready("gone") is None
     # The decision is taken under the gauges' lock, from the live body.
     handlers._publish_phase("t-handlers", "gone", "Ready", deleting)
@@ -217,3 +224,15 @@ def test_a_tick_catches_up_a_generation_no_handler_will_be_called_for() -> None:
     memo = kopf.Memo(reconciler=_Reconciler(CacheStatus(phase="Ready")), diffbase=storage)
     handlers.refresh(body=edited, patch=kopf.Patch(), memo=memo)
     assert memo.reconciler.calls == [False]
+
+
+def test_no_handler_puts_a_finalizer_on_modelcaches() -> None:
+    """A ModelCache (and its namespace) stays deletable with no operator running: neither the
+    status timer nor any change handler makes kopf add its finalizer."""
+    import kopf
+
+    registry = kopf.get_default_registry()
+    timers = [h for h in registry._spawning.get_all_handlers() if h.fn is handlers.refresh]
+    assert len(timers) == 1 and timers[0].requires_finalizer is False
+    assert not any(h.requires_finalizer for h in registry._spawning.get_all_handlers())
+    assert not any(h.requires_finalizer for h in registry._changing.get_all_handlers())

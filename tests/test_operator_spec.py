@@ -122,10 +122,17 @@ def test_crd_schema_is_structural_with_printer_columns() -> None:
     assert _walk(crd_schema(), "") == []
     crd = yaml.safe_load((FILES / "crd-modelcaches.yaml").read_text())
     version = crd["spec"]["versions"][0]
-    assert version["subresources"] == {"status": {}}
+    assert version["subresources"] == {
+        "status": {},
+        "scale": {
+            "specReplicasPath": ".spec.replicas",
+            "statusReplicasPath": ".status.replicas",
+            "labelSelectorPath": ".status.selector",
+        },
+    }
     columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
     assert columns["Ready"] == ".status.readyModels"
-    assert columns["Replicas"] == ".status.readyReplicas"
+    assert columns["Replicas"] == ".status.replicaStatus"
     assert columns["Phase"] == ".status.phase"
     assert columns["Age"] == ".metadata.creationTimestamp"
     assert crd["spec"]["names"]["shortNames"] == ["mc"]

@@ -255,7 +255,8 @@ def test_configured_replicas_count_the_pods_that_applied_the_current_config() ->
 def test_one_model_ready_one_failed_is_degraded() -> None:
     p = pod(init=DONE, daemon=RUNNING, phase="Running", ready=True)
     status = observe([p], {"cache-1": PodAnswer("cache-1", (GOOD, BROKEN))})
-    assert (status.phase, status.ready_models, status.ready_replicas) == ("Degraded", "1/2", "1/1")
+    assert (status.phase, status.ready_models, status.replica_status) == ("Degraded", "1/2", "1/1")
+    assert (status.replicas, status.ready_replicas) == (1, 1)
     good, broken = status.models
     assert (good.state, good.load_seconds, good.fingerprint) == ("Ready", 1.5, "f" * 64)
     assert (broken.state, broken.error_class) == ("Failed", "not_found")
@@ -325,7 +326,7 @@ def test_missing_replica_after_rollout_is_degraded() -> None:
     spec = parse_spec("cache", {**SPEC.model_dump(by_alias=True, mode="json"), "replicas": 2})
     ok = pod("a", init=DONE, daemon=RUNNING, phase="Running", ready=True)
     status = observe([ok, pod("b")], {"a": PodAnswer("a", (GOOD, fixed))}, spec=spec)
-    assert (status.phase, status.ready_replicas) == ("Degraded", "1/2")
+    assert (status.phase, status.replica_status, status.ready_replicas) == ("Degraded", "1/2", 1)
     assert conditions(status)["Degraded"] == ("True", "ReplicasUnavailable")
 
 
@@ -352,7 +353,7 @@ def test_invalid_spec_is_failed_and_says_what_to_fix() -> None:
 def test_scaled_to_zero() -> None:
     spec = parse_spec("cache", {**SPEC.model_dump(by_alias=True, mode="json"), "replicas": 0})
     status = observe([], spec=spec)
-    assert (status.phase, status.ready_replicas) == ("Pending", "0/0")
+    assert (status.phase, status.replica_status, status.ready_replicas) == ("Pending", "0/0", 0)
     assert conditions(status)["Ready"] == ("False", "ScaledToZero")
 
 
@@ -462,3 +463,46 @@ def test_list_models_converts_answers_and_reports_unreachable_pods(local_daemon:
     assert answers["b"].error is not None and answers["b"].error.startswith(
         ("UNAVAILABLE", "DEADLINE_EXCEEDED")
     )
+
+
+def test_stuck_pods_are_explained_in_reason_and_message() -> None:
+    unschedulable = pod(
+        ip=None,
+        conditions=[
+            {
+                "type": "PodScheduled",
+                "status": "False",
+                "reason": "Unschedulable",
+                "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu.",
+            }
+        ],
+    )
+    status = observe([unschedulable])
+    assert (status.phase, status.reason) == ("Pending", "Unschedulable")
+    assert "Insufficient nvidia.com/gpu" in status.message
+    assert status.to_patch()["reason"] == "Unschedulable"
+    # pods cannot be created at all: the Deployment's ReplicaFailure condition
+    refused = {
+        "metadata": {"generation": 1},
+        "status": {
+            "observedGeneration": 1,
+            "conditions": [
+                {
+                    "type": "ReplicaFailure",
+                    "status": "True",
+                    "reason": "FailedCreate",
+                    "message": 'pods "cache-x" is forbidden: pod rejected: RuntimeClass '
+                    '"gvisor" not found',
+                }
+            ],
+        },
+    }
+    status = observe([], deployment=refused)
+    assert (status.phase, status.reason) == ("Failed", "FailedCreate")
+    assert 'RuntimeClass "gvisor" not found' in status.message
+    # Ready: no reason, the scale subresource's fields set
+    p = pod(daemon=RUNNING, phase="Running", ready=True)
+    fixed = report("broken", "READY", fingerprint="a" * 64)
+    status = observe([p], {"cache-1": PodAnswer("cache-1", (GOOD, fixed))})
+    assert (status.phase, status.reason, status.message) == ("Ready", "", "")
+    assert (status.replicas, status.ready_replicas, status.replica_status) == (1, 1, "1/1")

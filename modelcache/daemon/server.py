@@ -13,7 +13,7 @@ Start-up order: the registry is prepared on the main thread before anything else
 003), the server starts answering (health NOT_SERVING, models UNAVAILABLE) and loads run in
 the background; each model becomes servable, and its health SERVING, when its load
 completes. SIGTERM/SIGINT: every health service turns NOT_SERVING, the server stops
-accepting and gives in-flight RPCs ``GRACE_S`` to finish, then the workers stop.
+accepting and gives in-flight RPCs ``drain_s`` to finish, then the workers stop.
 
 The model set is live (live.py, changes.py): when the config file changes, added models
 load, removed ones stop admitting (NOT_FOUND), drain what they admitted and are freed, and a
@@ -31,6 +31,7 @@ import os
 import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import grpc
 import torch
@@ -52,7 +53,6 @@ from modelcache.metrics import forget_model
 from modelcache.settings import DaemonSettings
 
 log = logging.getLogger(__name__)
-GRACE_S = 10.0
 
 
 def _address(host: str, port: int) -> str:
@@ -137,13 +137,17 @@ class DaemonServer:
         await self.reporter.publish()
 
         limit = s.grpc_max_message_bytes
-        self.server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", limit),
-                ("grpc.max_send_message_length", limit),
-                ("grpc.so_reuseport", 0),
+        options: list[tuple[str, Any]] = [
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            ("grpc.so_reuseport", 0),
+        ]
+        if s.max_connection_age_s > 0:  # clients re-resolve and find new replicas
+            options += [
+                ("grpc.max_connection_age_ms", int(s.max_connection_age_s * 1000)),
+                ("grpc.max_connection_age_grace_ms", int(s.max_connection_age_grace_s * 1000)),
             ]
-        )
+        self.server = grpc.aio.server(options=options)
         self.server.add_generic_rpc_handlers((self.servicer.handler(),))
         self.server.add_generic_rpc_handlers((health_handler(self.health),))
         reflection.enable_server_reflection(
@@ -186,7 +190,8 @@ class DaemonServer:
         )
         return self.metrics_port
 
-    async def stop(self, grace: float = GRACE_S) -> None:
+    async def stop(self, grace: float | None = None) -> None:
+        grace = self.settings.drain_s if grace is None else grace
         self.heartbeat.stop()
         await self.reporter.shutdown()
         await self.server.stop(grace)
@@ -256,7 +261,7 @@ class DaemonServer:
         def run() -> None:
             try:
                 served = holder.pop()
-                drained = served.batcher.drain(GRACE_S)
+                drained = served.batcher.drain(self.settings.drain_s)
                 device = served.compute.device
                 del served
                 if gone and name not in self.registry.names():
@@ -266,7 +271,9 @@ class DaemonServer:
                     "model %s: %s weights released%s",
                     name,
                     "its" if gone else "the old",
-                    "" if drained else f" (requests still queued after {GRACE_S:.0f}s failed)",
+                    ""
+                    if drained
+                    else f" (requests still queued after {self.settings.drain_s:.0f}s failed)",
                 )
             except Exception:
                 log.exception("model %s: retiring its old worker failed", name)
@@ -325,7 +332,7 @@ async def _run(server: DaemonServer) -> None:
         await server.reporter.shutdown()
         log.info("stopping: NOT_SERVING, still answering for %.0fs", delay)
         await asyncio.sleep(delay)
-    log.info("stopping: draining in-flight requests (%.0fs grace)", GRACE_S)
+    log.info("stopping: draining in-flight requests (%.0fs grace)", server.settings.drain_s)
     await server.stop()
 
 

@@ -29,7 +29,6 @@ from modelcache.config import DaemonConfig, parse_config
 from modelcache.operator.containers import (
     CONFIG_FILE,
     DAEMON,
-    SHUTDOWN_DELAY_S,
     daemon_container,
     fetch_container,
 )
@@ -238,8 +237,8 @@ def build_pod_template(spec: ModelCacheSpec, owner: Owner) -> Manifest:
             "fsGroup": RUN_AS,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        # The shutdown delay, then up to the daemon's 10 s drain of in-flight requests.
-        "terminationGracePeriodSeconds": 30 + SHUTDOWN_DELAY_S,
+        # The shutdown delay, then the daemon's drain of in-flight requests (checked in spec).
+        "terminationGracePeriodSeconds": spec.termination_grace_period_seconds,
         "containers": [daemon_container(spec)]
         + ([fetch_container(spec)] if spec.writable_storage else []),
         "volumes": [
@@ -260,12 +259,36 @@ def build_pod_template(spec: ModelCacheSpec, owner: Owner) -> Manifest:
         "tolerations": [t.model_dump(by_alias=True, exclude_none=True) for t in spec.tolerations]
         or None,
         "affinity": _affinity(spec, owner),
+        "topologySpreadConstraints": _spread(spec, owner),
+        "priorityClassName": spec.priority_class_name,
+        "runtimeClassName": spec.runtime_class_name,
         "imagePullSecrets": [{"name": s.name} for s in spec.image_pull_secrets] or None,
     }
     pod.update({k: v for k, v in optional.items() if v is not None})
-    template: dict[str, Any] = {"metadata": {"labels": common_labels(owner.name)}, "spec": pod}
-    template["metadata"]["annotations"] = {TEMPLATE_HASH: digest(template)}
+    labels = {**spec.pod_labels, **common_labels(owner.name)}  # ours win: the selector
+    template: dict[str, Any] = {"metadata": {"labels": labels}, "spec": pod}
+    if spec.pod_annotations:
+        template["metadata"]["annotations"] = dict(spec.pod_annotations)
+    template["metadata"]["annotations"] = {
+        **template["metadata"].get("annotations", {}),
+        TEMPLATE_HASH: digest(template),
+    }
     return template
+
+
+def _spread(spec: ModelCacheSpec, owner: Owner) -> list[dict[str, Any]] | None:
+    """Replicas on different nodes when possible, so a node drain or loss takes one of them,
+    not all (best effort: ScheduleAnyway); ``topologySpreadConstraints: []`` turns it off."""
+    if spec.topology_spread_constraints is not None:
+        return list(spec.topology_spread_constraints) or None
+    return [
+        {
+            "maxSkew": 1,
+            "topologyKey": "kubernetes.io/hostname",
+            "whenUnsatisfiable": "ScheduleAnyway",
+            "labelSelector": {"matchLabels": selector_labels(owner.name)},
+        }
+    ]
 
 
 def _affinity(spec: ModelCacheSpec, owner: Owner) -> dict[str, Any] | None:
@@ -314,13 +337,35 @@ def build_deployment(spec: ModelCacheSpec, owner: Owner) -> Manifest:
     }
 
 
+def pdb_name(name: str) -> str:
+    return name
+
+
+def build_pdb(spec: ModelCacheSpec, owner: Owner) -> Manifest | None:
+    """At most ``maxUnavailable`` daemon pods evicted at a time (node drains, cluster
+    autoscaler consolidation); harmless with one replica (it may still be evicted)."""
+    if not spec.pod_disruption_budget.enabled:
+        return None
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _meta(owner, pdb_name(owner.name)),
+        "spec": {
+            "maxUnavailable": spec.pod_disruption_budget.max_unavailable,
+            "selector": {"matchLabels": selector_labels(owner.name)},
+        },
+    }
+
+
 def build_children(spec: ModelCacheSpec, owner: Owner) -> list[Manifest]:
     """Every child, in the order to apply them (the Deployment last: its pods need the rest)."""
     pvc = build_pvc(spec, owner)
+    pdb = build_pdb(spec, owner)
     return [
         build_configmap(spec, owner),
         *([pvc] if pvc else []),
         build_service(spec, owner),
         build_cluster_ip_service(spec, owner),
+        *([pdb] if pdb else []),
         build_deployment(spec, owner),
     ]

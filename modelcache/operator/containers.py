@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from modelcache.operator.spec import ModelCacheSpec
+from modelcache.operator.spec import SHUTDOWN_DELAY_S, ModelCacheSpec
 
 Manifest = dict[str, Any]
 
@@ -23,9 +23,7 @@ TLS_DIR = "/etc/modelcache-tls"  # the spec.tls Secret, read-only (not under CON
 DAEMON = "daemon"
 FETCH = "fetch"
 DOWNLOAD_PREFIX = "download-"  # init containers of operators before the live model set
-#: Seconds a stopping daemon keeps serving while it reports not-ready, so that Endpoints and
-#: kube-proxy drop it before it stops accepting (no refused connections in a rollout).
-SHUTDOWN_DELAY_S = 5
+__all__ = ["SHUTDOWN_DELAY_S"]  # the daemon's env and the pod's grace period use it
 
 
 def _container_name(prefix: str, index: int, model: str) -> str:
@@ -60,6 +58,7 @@ def fetch_container(spec: ModelCacheSpec) -> Manifest:
         {"name": "HOME", "value": "/tmp"},
         {"name": "HF_HOME", "value": "/tmp/hf"},
         {"name": "HF_HUB_OFFLINE", "value": "0"},
+        *spec.env,  # e.g. HF_ENDPOINT (a hub mirror), HTTPS_PROXY, a CA bundle
     ]
     if spec.hf_token_secret is not None:
         env.append(
@@ -105,6 +104,8 @@ def daemon_container(spec: ModelCacheSpec) -> Manifest:
         {"name": "HF_HUB_OFFLINE", "value": "1"},
         {"name": "TRANSFORMERS_OFFLINE", "value": "1"},
         {"name": "MODELCACHE_SHUTDOWN_DELAY_S", "value": str(SHUTDOWN_DELAY_S)},
+        {"name": "MODELCACHE_DRAIN_S", "value": str(spec.drain_seconds)},
+        *spec.env,
     ]
     mounts: list[dict[str, Any]] = [
         {"name": "models", "mountPath": spec.storage.mount_path, "readOnly": True},
@@ -158,12 +159,12 @@ def daemon_container(spec: ModelCacheSpec) -> Manifest:
             "timeoutSeconds": 5,
             "failureThreshold": 3,
         },
-        # Imports and file resolution happen before the loop runs: up to 10 minutes.
+        # Imports and file resolution happen before the loop runs.
         "startupProbe": {
             "httpGet": {"path": "/livez", "port": "metrics"},
             "periodSeconds": 2,
             "timeoutSeconds": 2,
-            "failureThreshold": 300,
+            "failureThreshold": max(1, spec.startup_timeout_seconds // 2),
         },
         "resources": spec.resources.manifest(),
         "volumeMounts": mounts,

@@ -9,6 +9,7 @@ are set once, in the startup handler.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.metadata
 import random
 import threading
@@ -43,6 +44,10 @@ _STATUS_INTERVAL = OperatorSettings().status_interval  # kopf needs it at regist
 _phases: dict[tuple[str, str], str] = {}
 _published: set[tuple[str, str]] = set()
 _phases_lock = threading.Lock()
+# uids of ModelCaches seen deleted (insertion-ordered, the oldest forgotten past a bound): a
+# status tick that started before the deletion must not publish their series again.
+_deleted: dict[str, None] = {}
+_DELETED_KEPT = 10_000
 # The process's start: kopf may be restarted in-process (__main__), and a restart must not
 # make this replica junior to ones that started after the process did.
 _PROCESS_STARTED = time.time()
@@ -121,11 +126,13 @@ def _publish_phase(
     namespace: str, name: str, phase: str | None, body: kopf.Body | None = None
 ) -> None:
     """Set (or with ``None`` remove) one ModelCache's phase in the gauges. With ``body``,
-    an object being deleted is removed instead: a timer tick that ends after the delete
-    handler must not bring its series back (kopf marks the live body before it runs the
-    delete handler, and both sides decide under the lock)."""
+    an object being deleted, or already deleted (its uid seen in a DELETED event), is
+    removed instead: a timer tick that ends after the deletion must not bring its series
+    back (both sides decide under the lock)."""
     with _phases_lock:
-        if body is not None and body.metadata.get("deletionTimestamp"):
+        if body is not None and (
+            body.metadata.get("deletionTimestamp") or body.metadata.get("uid") in _deleted
+        ):
             phase = None
         if phase is None:
             if _phases.pop((namespace, name), None) is not None:
@@ -263,10 +270,40 @@ def refresh(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> No
     _converge("timer", body, patch, memo)
 
 
-@kopf.on.delete(GROUP, VERSION, PLURAL)
-def deleted(name: str, namespace: str | None, logger: kopf.Logger, **_: Any) -> None:
+def _no_finalizer_for_the_timer(registry: Any) -> None:
+    """No finalizer on ModelCaches: children go by owner references (garbage collection) and
+    nothing else needs the operator at deletion, so a ModelCache (or its namespace) must be
+    deletable when no operator runs — after ``helm uninstall``, say. kopf makes a finalizer
+    mandatory for any timer (to stop it before the object goes, kopf issue #1074), though it
+    stops a timer when the object is deleted anyway; this registry holds ours without the
+    requirement (kopf pinned: 1.45.2; tests/test_operator_handlers.py checks it)."""
+    spawning = registry._spawning
+    spawning._handlers = [
+        dataclasses.replace(h, requires_finalizer=False) if getattr(h, "fn", None) is refresh else h
+        for h in spawning._handlers
+    ]
+
+
+_no_finalizer_for_the_timer(kopf.get_default_registry())
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+def deleted(
+    type: str | None,
+    name: str,
+    namespace: str | None,
+    uid: str | None,
+    logger: kopf.Logger,
+    **_: Any,
+) -> None:
     """Children go with the ModelCache through their owner references (garbage collection);
     only the operator's own bookkeeping is left to drop."""
+    if type != "DELETED":
+        return
+    with _phases_lock:
+        _deleted[uid or ""] = None
+        while len(_deleted) > _DELETED_KEPT:
+            del _deleted[next(iter(_deleted))]
     _publish_phase(namespace or "", name, None)
     RECONCILE.labels("delete", "success").inc()
     logger.info("ModelCache deleted; its children are garbage-collected")

@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
@@ -24,7 +24,7 @@ from modelcache.operator import builders, children, probe
 from modelcache.operator.builders import Owner
 from modelcache.operator.events import Event, transitions
 from modelcache.operator.kubeapi import Kube
-from modelcache.operator.pods import classify_pod
+from modelcache.operator.pods import PENDING, PodView, Problem, classify_pod
 from modelcache.operator.settings import OperatorSettings
 from modelcache.operator.spec import ModelCacheSpec, SpecError, parse_spec
 from modelcache.operator.status import CacheStatus, Observation, derive_status
@@ -114,6 +114,23 @@ class Reconciler:
         events.extend(transitions(previous, status))
         return Outcome(status, events, applied, rejected=spec is None)
 
+    def _explain_stuck(self, namespace: str, views: list[PodView]) -> list[PodView]:
+        """A pod that has not started, with no reason in its own status (ContainerCreating
+        on a missing Secret, FailedMount, a sandbox that cannot be created): its newest
+        Warning Event says why."""
+        stuck = {v.name for v in views if v.stage == PENDING and v.problem is None}
+        if not stuck:
+            return views
+        try:
+            warnings = self.kube.pod_warnings(namespace, stuck)
+        except ApiException as exc:  # an explanation is a nicety: never fail the status
+            log.info("cannot list Events in %s: %s", namespace, exc.reason)
+            return views
+        return [
+            replace(v, problem=Problem(*warnings[v.name])) if v.name in warnings else v
+            for v in views
+        ]
+
     def _probe_tls(self, owner: Owner, spec: ModelCacheSpec) -> probe.ProbeTls | None:
         """TLS settings for ListModels from spec.tls's Secret (read on every probe, so a
         rotated certificate is picked up)."""
@@ -145,6 +162,7 @@ class Reconciler:
                 for p in pods
                 if not (p.get("metadata") or {}).get("deletionTimestamp")
             ]
+            views = self._explain_stuck(owner.namespace, views)
             running = [(v.name, v.pod_ip) for v in views if v.current and v.daemon_running]
             targets = probe.targets(running, spec.ports.grpc, self.settings.daemon_address_override)
             tls = self._probe_tls(owner, spec) if targets else None
@@ -170,6 +188,11 @@ class Reconciler:
                 now=_now(),
                 endpoint=endpoint,
                 config_hash=config_hash,
+                selector=(
+                    ",".join(f"{k}={v}" for k, v in builders.selector_labels(owner.name).items())
+                    if spec is not None
+                    else None
+                ),
             )
         )
 

@@ -24,6 +24,8 @@ PLURAL = "modelcaches"
 KIND = "ModelCache"
 API_VERSION = f"{GROUP}/{VERSION}"
 GPU_RESOURCE = "nvidia.com/gpu"
+#: Seconds a stopping daemon keeps answering while it leaves its Services' Endpoints.
+SHUTDOWN_DELAY_S = 5
 
 # Kubernetes resource.Quantity, as the API server's own OpenAPI schema writes it.
 QUANTITY_PATTERN = (
@@ -101,8 +103,8 @@ class Resources(_CamelModel):
     def manifest(self) -> dict[str, dict[str, int | str]]:
         return {k: v for k, v in (("limits", self.limits), ("requests", self.requests)) if v}
 
-    def gpus(self) -> int:
-        value = self.limits.get(GPU_RESOURCE, 0)
+    def gpus(self, resource: str = GPU_RESOURCE) -> int:
+        value = self.limits.get(resource, 0)
         return int(value) if str(value).isdigit() else 0
 
 
@@ -132,6 +134,14 @@ class Tls(_CamelModel):
     client_auth: bool = False
 
 
+class DisruptionBudget(_CamelModel):
+    """The PodDisruptionBudget of the daemon pods: a drain or a consolidation evicts at most
+    ``max_unavailable`` of them at a time."""
+
+    enabled: bool = True
+    max_unavailable: int | str = 1
+
+
 class ModelCacheSpec(_CamelModel):
     models: Annotated[tuple[ModelSpec, ...], Field(min_length=1, max_length=64)]
     image: Annotated[str, Field(pattern=IMAGE_PATTERN)]
@@ -153,19 +163,42 @@ class ModelCacheSpec(_CamelModel):
     )
     hf_token_secret: SecretKeyRef | None = None
     tls: Tls | None = None
+    # Scheduling and pod passthrough (GPU clusters: Kueue, Karpenter, RKE2/k3s, MIG, AMD).
+    gpu_resource: Annotated[str, Field(pattern=r"^[a-z0-9.-]+/[a-zA-Z0-9._-]+$")] = GPU_RESOURCE
+    priority_class_name: Annotated[str | None, Field(pattern=DNS_SUBDOMAIN_PATTERN)] = None
+    runtime_class_name: Annotated[str | None, Field(pattern=DNS_SUBDOMAIN_PATTERN)] = None
+    # None: spread over nodes (best effort); [] : no spreading; else passed as is.
+    topology_spread_constraints: tuple[dict[str, Any], ...] | None = None
+    pod_annotations: dict[str, str] = {}
+    pod_labels: dict[str, str] = {}
+    env: tuple[dict[str, Any], ...] = ()  # core/v1 EnvVar, for the daemon and fetch containers
+    termination_grace_period_seconds: Annotated[int, Field(ge=1, le=3600)] = 45
+    drain_seconds: Annotated[int, Field(ge=0, le=3000)] = 10
+    startup_timeout_seconds: Annotated[int, Field(ge=10, le=86400)] = 600
+    pod_disruption_budget: DisruptionBudget = DisruptionBudget()
 
     @model_validator(mode="before")
     @classmethod
     def _default_devices(cls, data: Any) -> Any:
-        """A model without ``device`` runs on the GPU when the pod gets one, else on cpu."""
+        """A model without ``device`` runs on the pod's GPUs when it gets some, else on cpu;
+        with several GPUs such models are spread over them in order (cuda:0, cuda:1, ...,
+        round robin), one daemon per pod either way."""
         if not isinstance(data, dict) or not isinstance(data.get("models"), list):
             return data
         limits = (data.get("resources") or {}).get("limits") or {}
-        device = "cuda" if str(limits.get(GPU_RESOURCE, "0")) not in ("0", "") else "cpu"
-        models = [
-            {**m, "device": device} if isinstance(m, dict) and "device" not in m else m
-            for m in data["models"]
-        ]
+        resource = data.get("gpuResource") or data.get("gpu_resource") or GPU_RESOURCE
+        count = str(limits.get(resource, "0"))
+        gpus = int(count) if count.isdigit() else 0
+        models, spread = [], 0
+        for m in data["models"]:
+            if isinstance(m, dict) and "device" not in m:
+                if gpus == 0:
+                    device = "cpu"
+                else:
+                    device = "cuda" if gpus == 1 else f"cuda:{spread % gpus}"
+                    spread += 1
+                m = {**m, "device": device}
+            models.append(m)
         return {**data, "models": models}
 
     @model_validator(mode="after")
@@ -179,12 +212,13 @@ class ModelCacheSpec(_CamelModel):
                 )
             seen[m.name] = i
             if m.device.startswith("cuda"):
-                gpus = self.resources.gpus()
+                gpus = self.resources.gpus(self.gpu_resource)
                 index = int(m.device.split(":")[1]) if ":" in m.device else 0
                 if index >= gpus:
                     raise ValueError(
                         f"models[{i}].device is {m.device} but resources.limits requests "
-                        f"{gpus} {GPU_RESOURCE}: set resources.limits['{GPU_RESOURCE}'] to "
+                        f"{gpus} {self.gpu_resource}: set "
+                        f"resources.limits['{self.gpu_resource}'] to "
                         f"at least {index + 1}, or set device: cpu"
                     )
         if self.image.endswith(":latest"):
@@ -193,6 +227,14 @@ class ModelCacheSpec(_CamelModel):
                 "tag or a digest (@sha256:...) so every replica runs the same code"
             )
         self._storage_fits()
+        needed = SHUTDOWN_DELAY_S + self.drain_seconds + 5
+        if self.termination_grace_period_seconds < needed:
+            raise ValueError(
+                f"terminationGracePeriodSeconds is {self.termination_grace_period_seconds} but a "
+                f"stopping daemon needs {SHUTDOWN_DELAY_S} s to leave the Endpoints, "
+                f"drainSeconds ({self.drain_seconds}) to answer what it admitted and 5 s to "
+                f"exit: set it to at least {needed}, or lower drainSeconds"
+            )
         if self.ports.grpc == self.ports.metrics:
             raise ValueError(
                 f"ports.grpc and ports.metrics are both {self.ports.grpc}: they must differ"

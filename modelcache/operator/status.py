@@ -31,7 +31,15 @@ from modelcache.operator.pods import PENDING, PodView, least_advanced
 from modelcache.operator.spec import ModelCacheSpec
 
 CONDITION_TYPES = ("Ready", "ModelsLoaded", "Progressing", "Degraded")
-_NON_FATAL = {"Unschedulable"}
+# A pod waiting on these may still start (capacity freed, a Secret created): Pending, with
+# the reason, not Failed.
+_NON_FATAL = {
+    "Unschedulable",
+    "FailedScheduling",
+    "FailedMount",
+    "FailedAttachVolume",
+    "FailedCreatePodSandBox",
+}
 
 
 class _Camel(BaseModel):
@@ -49,9 +57,14 @@ class Condition(_Camel):
 
 class CacheStatus(_Camel):
     phase: str
+    reason: str = ""  # why it is not Ready (the Ready condition's reason), for `kubectl get mc`
+    message: str = ""
     observed_generation: int | None = None
     ready_models: str = ""
-    ready_replicas: str = ""
+    replicas: int | None = None  # daemon pods of any template (the scale subresource's)
+    ready_replicas: int | None = None  # Ready pods of the current template
+    replica_status: str = ""  # "ready/desired", for `kubectl get mc`
+    selector: str | None = None  # the pods' label selector (the scale subresource's)
     endpoint: str | None = None
     config_hash: str | None = None
     configured_replicas: str = ""
@@ -91,6 +104,7 @@ class Observation:
     now: str
     endpoint: str | None = None
     config_hash: str | None = None
+    selector: str | None = None
 
 
 @dataclass
@@ -133,6 +147,9 @@ def _verdict(
     # A failed download is already reported by its model.
     downloads = {"DownloadFailed"} if any(m.error_class == "download" for m in models) else set()
     problems = _problems(current, downloads)
+    failure = _replica_failure(obs)
+    if failure is not None:  # pods cannot even be created: quota, admission, RuntimeClass
+        problems.append(failure)
     rolling = _rollout_running(obs, current, desired)
     stage = least_advanced(list(current)) if len(current) >= desired else PENDING
 
@@ -181,6 +198,7 @@ def _verdict(
         "Running": "RollingOut",
     }
     notes = [f"pod {v.name}: {v.problem.message}" for v in current if v.problem is not None]
+    waiting = next((v.problem.reason for v in current if v.problem is not None), None)
     msg = "; ".join(
         [
             f"{len(ready_pods)}/{desired} replicas ready, {n_ready}/{len(models)} models ready",
@@ -188,14 +206,23 @@ def _verdict(
         ]
     )
     phase = "Loading" if stage == "Running" else stage
+    reason = waiting if waiting and stage == PENDING else reasons[stage]
     return _Verdict(
         phase,
-        reasons[stage],
+        reason,
         msg,
         loaded,
-        ("True", reasons[stage], msg),
+        ("True", reason, msg),
         ("False", "AsExpected", ""),
     )
+
+
+def _replica_failure(obs: Observation) -> tuple[str, str] | None:
+    """The Deployment's ReplicaFailure condition: its ReplicaSet could not create a pod."""
+    for c in (obs.deployment or {}).get("status", {}).get("conditions") or []:
+        if c.get("type") == "ReplicaFailure" and c.get("status") == "True":
+            return (c.get("reason") or "FailedCreate", c.get("message") or "")
+    return None
 
 
 def _conditions(obs: Observation, verdict: _Verdict) -> tuple[Condition, ...]:
@@ -248,10 +275,12 @@ def derive_status(obs: Observation) -> CacheStatus:
         )
         return CacheStatus(
             phase="Failed",
+            reason=why,
+            message=msg[:1024],
             conditions=_conditions(obs, verdict),
             models=tuple(ModelStatus.model_validate(m) for m in obs.previous.get("models") or []),
             ready_models=obs.previous.get("readyModels", ""),
-            ready_replicas=obs.previous.get("readyReplicas", ""),
+            replica_status=obs.previous.get("replicaStatus", ""),
             **common,
         )
     spec = obs.spec
@@ -285,10 +314,15 @@ def derive_status(obs: Observation) -> CacheStatus:
     configured = sum(a.config_hash == obs.config_hash for a in answers.values())
     return CacheStatus(
         phase=verdict.phase,
+        reason="" if verdict.phase == "Ready" else verdict.reason,
+        message="" if verdict.phase == "Ready" else verdict.message[:1024],
         conditions=_conditions(obs, verdict),
         models=models,
         ready_models=f"{n_ready}/{len(models)}",
-        ready_replicas=f"{ready_pods}/{spec.replicas}",
+        replicas=len(obs.pods),
+        ready_replicas=ready_pods,
+        replica_status=f"{ready_pods}/{spec.replicas}",
+        selector=obs.selector,
         configured_replicas=f"{configured}/{len(answers)}" if answers else "",
         **common,
     )
