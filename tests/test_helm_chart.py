@@ -71,7 +71,9 @@ def test_chart_versions_follow_pyproject() -> None:
 def test_default_objects() -> None:
     docs = render()
     assert kinds(docs) == [
+        ("ClusterRole", "mc-modelcache-edit"),
         ("ClusterRole", "mc-modelcache-operator"),
+        ("ClusterRole", "mc-modelcache-view"),
         ("ClusterRoleBinding", "mc-modelcache-operator"),
         ("CustomResourceDefinition", "clusterkopfpeerings.kopf.dev"),
         ("CustomResourceDefinition", "kopfpeerings.kopf.dev"),
@@ -138,19 +140,67 @@ def test_crd_flags() -> None:
         for d in docs
     )
     out = helm_template(
-        "--show-only", "templates/crds.yaml", values={"crds": {"enabled": False}}, check=False
+        "--show-only",
+        "templates/crds.yaml",
+        values={"crds": {"enabled": False, "peering": False}},
+        check=False,
     )
     assert out.returncode != 0 and "could not find template" in out.stderr
+    # the ModelCache CRD and kopf's peering CRDs (shared by kopf operators) each on a flag
+    names = [d["metadata"]["name"] for d in render(values={"crds": {"enabled": False}})]
+    assert "modelcaches.modelcache.io" not in names and "kopfpeerings.kopf.dev" in names
+    names = [d["metadata"]["name"] for d in render(values={"crds": {"peering": False}})]
+    assert "modelcaches.modelcache.io" in names and "kopfpeerings.kopf.dev" not in names
     assert not [
         d
-        for d in render(values={"crds": {"enabled": False}})
+        for d in render(values={"crds": {"enabled": False, "peering": False}})
         if d["kind"] == "CustomResourceDefinition"
     ]
 
 
+def test_aggregated_roles_let_namespace_users_manage_modelcaches() -> None:
+    docs = render()
+    edit = find(docs, "ClusterRole", "mc-modelcache-edit")
+    labels = edit["metadata"]["labels"]
+    assert labels["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
+    assert labels["rbac.authorization.k8s.io/aggregate-to-admin"] == "true"
+    assert ("modelcache.io", "modelcaches/scale", "patch") in grants(edit["rules"])
+    view = find(docs, "ClusterRole", "mc-modelcache-view")
+    assert view["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"] == "true"
+    assert {v for _, _, v in grants(view["rules"])} == {"get", "list", "watch"}
+    off = render(values={"rbac": {"aggregateToDefaultRoles": False}})
+    assert [d["metadata"]["name"] for d in off if d["kind"] == "ClusterRole"] == [
+        "mc-modelcache-operator"
+    ]
+
+
+def test_daemon_defaults_reach_the_operator_as_json() -> None:
+    values = {
+        "daemon": {
+            "image": {"repository": "registry.example/modelcache", "tag": "0.2.0"},
+            "defaults": {
+                "priorityClassName": "ml",
+                "imagePullSecrets": [{"name": "regcred"}],
+                "storageClassName": "fast",
+            },
+        }
+    }
+    deployment = find(render(values=values), "Deployment")
+    env = {
+        e["name"]: e.get("value")
+        for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert json.loads(env["MODELCACHE_OPERATOR_DAEMON_DEFAULTS"]) == {
+        "image": "registry.example/modelcache:0.2.0",
+        "priorityClassName": "ml",
+        "imagePullSecrets": [{"name": "regcred"}],
+        "storageClassName": "fast",
+    }
+
+
 def test_cluster_role_is_exactly_the_rules_file() -> None:
     docs = render()
-    role = find(docs, "ClusterRole")
+    role = find(docs, "ClusterRole", "mc-modelcache-operator")
     assert grants(role["rules"]) == grants(file_rules())
     binding = find(docs, "ClusterRoleBinding")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
@@ -161,7 +211,7 @@ def test_cluster_role_is_exactly_the_rules_file() -> None:
 
 def test_namespaced_operator_gets_roles_in_its_namespaces_only() -> None:
     docs = render(values={"operator": {"watchNamespaces": ["team-a", "team-b"]}})
-    cluster_role = find(docs, "ClusterRole")
+    cluster_role = find(docs, "ClusterRole", "mc-modelcache-operator-cluster")
     cluster_grants = grants(cluster_role["rules"])
     assert {r for _, r, _ in cluster_grants} <= CLUSTER_SCOPED - {"clusterkopfpeerings"}
     roles = [d for d in docs if d["kind"] == "Role"]

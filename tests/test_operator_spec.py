@@ -209,3 +209,26 @@ def test_devices_default_to_the_gpu_when_the_pod_gets_one() -> None:
         },
     )
     assert pinned.models[0].device == "cuda:1"
+
+
+def test_chart_defaults_fill_only_what_a_spec_leaves_out() -> None:
+    from modelcache.operator.spec import with_defaults
+
+    defaults = {
+        "image": "registry.example/modelcache:0.2.0",
+        "priorityClassName": "ml",
+        "tolerations": [{"key": "gpu", "operator": "Exists"}],
+        "storageClassName": "fast",
+    }
+    spec = {
+        "models": [{"name": "m", "source": "m", "task": "embedding"}],
+        "priorityClassName": "mine",
+        "storage": {"pvc": {"size": "1Gi"}},
+    }
+    merged = parse_spec("cache", with_defaults(spec, defaults))
+    assert merged.image == "registry.example/modelcache:0.2.0"
+    assert merged.priority_class_name == "mine"  # the spec's own value wins
+    assert merged.tolerations[0].key == "gpu"
+    assert merged.storage.pvc is not None and merged.storage.pvc.storage_class_name == "fast"
+    with pytest.raises(SpecError, match="no image: set spec.image"):
+        parse_spec("cache", spec)

@@ -26,7 +26,7 @@ from modelcache.operator.events import Event, transitions
 from modelcache.operator.kubeapi import Kube
 from modelcache.operator.pods import PENDING, PodView, Problem, classify_pod
 from modelcache.operator.settings import OperatorSettings
-from modelcache.operator.spec import ModelCacheSpec, SpecError, parse_spec
+from modelcache.operator.spec import ModelCacheSpec, SpecError, parse_spec, with_defaults
 from modelcache.operator.status import CacheStatus, Observation, derive_status
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,9 @@ class Reconciler:
         spec: ModelCacheSpec | None = None
         error, reason = None, "InvalidSpec"
         try:
-            spec = parse_spec(owner.name, body.get("spec") or {})
+            spec = parse_spec(
+                owner.name, with_defaults(body.get("spec") or {}, self.settings.daemon_defaults)
+            )
             manifests = builders.build_children(spec, owner)
         except (SpecError, ConfigError) as exc:
             spec, error = None, str(exc)

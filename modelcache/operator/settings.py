@@ -7,9 +7,10 @@ it through env and a test can point the operator at a local daemon without code 
 
 from __future__ import annotations
 
+import json
 import os
 import socket
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -33,6 +34,9 @@ class OperatorSettings(BaseSettings):
     daemon_address_override: str | None = None
     # Used to build status.endpoint (dns:///NAME.NS.svc.DOMAIN:PORT).
     cluster_domain: str = "cluster.local"
+    # Chart-wide defaults (JSON) for fields a ModelCache spec leaves out: image,
+    # imagePullSecrets, tolerations, nodeSelector, priorityClassName, storageClassName.
+    daemon_defaults: dict[str, Any] = {}
 
     # --- peering: one active operator among replicas -----------------------------
     peering_name: str = "modelcache-operator"
@@ -55,6 +59,14 @@ class OperatorSettings(BaseSettings):
     # Testing only: exit the process (as a crash would) right after applying this child
     # kind (ConfigMap, PersistentVolumeClaim, Service, Deployment) during a reconcile.
     fault_exit_after: str | None = None
+
+    @field_validator("daemon_defaults", mode="before")
+    @classmethod
+    def _json_defaults(cls, value: Any) -> Any:
+        """JSON text (the chart's env var) or a mapping."""
+        if isinstance(value, str):
+            return json.loads(value) if value.strip() else {}
+        return value
 
     @field_validator("identity")
     @classmethod

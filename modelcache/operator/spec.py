@@ -282,6 +282,31 @@ def _loc(loc: tuple[int | str, ...]) -> str:
     return out
 
 
+_INHERITED = ("image", "imagePullSecrets", "tolerations", "nodeSelector", "priorityClassName")
+
+
+def with_defaults(spec: Any, defaults: dict[str, Any]) -> Any:
+    """The spec with the operator's chart-wide defaults filled in where it leaves a field out
+    (never over a value it sets); ``storageClassName`` goes to a ``storage.pvc`` without one."""
+    if not isinstance(spec, dict) or not defaults:
+        return spec
+    out = dict(spec)
+    for key in _INHERITED:
+        if key in defaults and key not in out:
+            out[key] = defaults[key]
+    storage = out.get("storage")
+    klass = defaults.get("storageClassName")
+    pvc = storage.get("pvc") if isinstance(storage, dict) else None
+    if (
+        klass
+        and isinstance(storage, dict)
+        and isinstance(pvc, dict)
+        and "storageClassName" not in pvc
+    ):
+        out["storage"] = {**storage, "pvc": {**pvc, "storageClassName": klass}}
+    return out
+
+
 def parse_spec(name: str, spec: object) -> ModelCacheSpec:
     """Validate a ModelCache's name and spec; SpecError lists every problem, one a line."""
     problems = []
@@ -295,6 +320,8 @@ def parse_spec(name: str, spec: object) -> ModelCacheSpec:
     except ValidationError as exc:
         for err in exc.errors():
             msg = err["msg"].removeprefix("Value error, ")
+            if err["loc"] == ("image",) and err["type"] == "missing":
+                msg = "no image: set spec.image, or the chart's daemon.image as the default"
             if err["loc"]:
                 problems.append(f"{_loc(tuple(err['loc']))}: {msg}")
             else:  # a cross-field check: the message starts with the field's path

@@ -76,6 +76,22 @@ app.kubernetes.io/managed-by: modelcache-operator
 {{- include "modelcache.image" (dict "repository" .Values.image.repository "tag" .Values.image.tag "digest" .Values.image.digest "appVersion" .Chart.AppVersion) }}
 {{- end }}
 
+{{/*
+The defaults ModelCaches inherit (daemon.defaults), as the JSON the operator reads from
+MODELCACHE_OPERATOR_DAEMON_DEFAULTS: ModelCache spec field names, empty ones left out.
+*/}}
+{{- define "modelcache.daemonDefaults" -}}
+{{- $d := .Values.daemon.defaults -}}
+{{- $out := dict -}}
+{{- if $d.image }}{{ $_ := set $out "image" (include "modelcache.daemonImage" .) }}{{ end -}}
+{{- with $d.imagePullSecrets }}{{ $_ := set $out "imagePullSecrets" . }}{{ end -}}
+{{- with $d.tolerations }}{{ $_ := set $out "tolerations" . }}{{ end -}}
+{{- with $d.nodeSelector }}{{ $_ := set $out "nodeSelector" . }}{{ end -}}
+{{- with $d.priorityClassName }}{{ $_ := set $out "priorityClassName" . }}{{ end -}}
+{{- with $d.storageClassName }}{{ $_ := set $out "storageClassName" . }}{{ end -}}
+{{- toJson $out -}}
+{{- end }}
+
 {{- define "modelcache.daemonImage" -}}
 {{- include "modelcache.image" (dict "repository" .Values.daemon.image.repository "tag" .Values.daemon.image.tag "digest" "" "appVersion" .Chart.AppVersion) }}
 {{- end }}
