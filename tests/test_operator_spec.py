@@ -230,5 +230,5 @@ def test_chart_defaults_fill_only_what_a_spec_leaves_out() -> None:
     assert merged.priority_class_name == "mine"  # the spec's own value wins
     assert merged.tolerations[0].key == "gpu"
     assert merged.storage.pvc is not None and merged.storage.pvc.storage_class_name == "fast"
-    with pytest.raises(SpecError, match="no image: set spec.image"):
+    with pytest.raises(SpecError, match=r"no image: set spec\.image"):
         parse_spec("cache", spec)
