@@ -19,7 +19,9 @@ from modelcache.config import (
 )
 from modelcache.operator.aggregate import ModelStatus
 from modelcache.operator.spec import (
+    API_VERSION,
     IMAGE_PATTERN,
+    KIND,
     QUANTITY_PATTERN,
     ModelCacheSpec,
     SpecError,
@@ -232,3 +234,13 @@ def test_chart_defaults_fill_only_what_a_spec_leaves_out() -> None:
     assert merged.storage.pvc is not None and merged.storage.pvc.storage_class_name == "fast"
     with pytest.raises(SpecError, match=r"no image: set spec\.image"):
         parse_spec("cache", spec)
+
+
+def test_the_hpa_example_targets_the_modelcache_scale_subresource() -> None:
+    hpa = yaml.safe_load((ROOT / "examples" / "hpa-modelcache.yaml").read_text())
+    target = hpa["spec"]["scaleTargetRef"]
+    assert (target["apiVersion"], target["kind"]) == (API_VERSION, KIND)
+    crd = yaml.safe_load((FILES / "crd-modelcaches.yaml").read_text())
+    assert crd["spec"]["versions"][0]["subresources"]["scale"]["specReplicasPath"] == (
+        ".spec.replicas"
+    )
