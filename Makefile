@@ -38,11 +38,17 @@ system-deps:
 	bash hack/system-deps.sh
 
 ## Everything CI runs: lint, types, unit + integration tests, and the real control plane tests.
-test: $(STAMP) system-deps
+NODE_BUILD_LOG := $(or $(TMPDIR),/tmp)/modelcache-kube-node-build.log
+
+test:
+	@# The kube binaries and the node's images (minutes on a fresh machine, cached outside
+	@# the repository) build while the virtual environment installs.
+	bash hack/kube-node.sh build >$(NODE_BUILD_LOG) 2>&1 & build=$$!; \
+	  $(MAKE) --no-print-directory $(STAMP) system-deps || { wait $$build; exit 1; }; \
+	  wait $$build || { tail -40 $(NODE_BUILD_LOG); exit 1; }; tail -3 $(NODE_BUILD_LOG)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check modelcache tests bench
 	$(BIN)/mypy
-	bash hack/kube-node.sh build
 	$(BIN)/pytest -q -ra --tb=short --durations=15
 
 clean:

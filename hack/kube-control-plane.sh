@@ -129,7 +129,7 @@ APT_UPDATED=""
 apt_update() {
   [[ -n $APT_UPDATED ]] && return 0
   log "apt-get update"
-  as_root apt-get update -q >/dev/null || die "apt-get update failed"
+  as_root apt-get -o DPkg::Lock::Timeout=600 update -q >/dev/null || die "apt-get update failed"
   APT_UPDATED=1
 }
 
@@ -140,7 +140,7 @@ ensure_packages() {
   log "installing apt packages: ${missing//$'\n'/ }"
   apt_update
   # shellcheck disable=SC2086
-  as_root apt-get install -y -q --no-install-recommends $missing >/dev/null \
+  as_root apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends $missing >/dev/null \
     || die "apt-get install failed"
 }
 

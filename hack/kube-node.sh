@@ -3,7 +3,9 @@
 #
 #   hack/kube-node.sh build     apt packages (containerd 1.6, runc 1.1, CNI plugins 1.1,
 #                               iptables, buildah, debootstrap) + every kube binary, built
-#                               from Debian's kubernetes source by hack/kube-control-plane.sh
+#                               from Debian's kubernetes source by hack/kube-control-plane.sh,
+#                               and (at the same time; MODELCACHE_NODE_BUILD_IMAGES=0: not)
+#                               the images of `images`
 #   hack/kube-node.sh up        containerd -> etcd + kube-apiserver + kube-controller-manager
 #                               -> kube-scheduler -> kubelet (CRI: containerd, runc,
 #                               cgroupfs) -> node Ready -> kube-proxy (iptables)
@@ -56,15 +58,27 @@ cmd_build() {
   done
   if ((${#missing[@]})); then
     log "apt-get install ${missing[*]}"
-    apt-get update -q >/dev/null || die "apt-get update failed"
-    apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null \
+    apt-get -o DPkg::Lock::Timeout=600 update -q >/dev/null || die "apt-get update failed"
+    apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends "${missing[@]}" >/dev/null \
       || die "apt-get install ${missing[*]} failed"
   fi
-  bash "$CP_SCRIPT" build
   mkdir -p "$LOGS" "$RUN"
+  # The project images need no kube binary: build them while Go compiles (the first build
+  # takes minutes each; a no-op when cached).
+  local images_pid=""
+  if [[ ${MODELCACHE_NODE_BUILD_IMAGES:-1} == 1 ]]; then
+    log "building the images meanwhile (log: $LOGS/images.log)"
+    (cmd_images) >"$LOGS/images.log" 2>&1 &
+    images_pid=$!
+  fi
+  bash "$CP_SCRIPT" build
   buildah_setup
   build_pause
   buildah_cleanup
+  if [[ -n $images_pid ]] && ! wait "$images_pid"; then
+    tail -20 "$LOGS/images.log" >&2
+    die "building the images failed (log: $LOGS/images.log)"
+  fi
   log "built: $(containerd --version | awk '{print $3}') runc $(runc --version | awk 'NR==1 {print $3}')" \
     "kubelet $("$BIN/kubelet" --version | awk '{print $2}')"
 }

@@ -35,13 +35,13 @@ APT_UPDATED=""
 apt_install() {
   if [[ -z $APT_UPDATED ]]; then
     log "apt-get update"
-    as_root apt-get update -q >/dev/null || die "apt-get update failed"
+    as_root apt-get -o DPkg::Lock::Timeout=600 update -q >/dev/null || die "apt-get update failed"
     APT_UPDATED=1
   fi
   log "apt-get install $*"
   # policy-rc.d / no init system: the prometheus package's service is not started; the
   # tests start their own server on 127.0.0.1.
-  as_root apt-get install -y -q --no-install-recommends "$@" >/dev/null \
+  as_root apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends "$@" >/dev/null \
     || die "apt-get install $* failed"
 }
 

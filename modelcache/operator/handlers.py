@@ -287,7 +287,7 @@ def _no_finalizer_for_the_timer(registry: Any) -> None:
 _no_finalizer_for_the_timer(kopf.get_default_registry())
 
 
-@kopf.on.event(GROUP, VERSION, PLURAL)
+@kopf.on.event(GROUP, VERSION, PLURAL, when=lambda type, **_: type == "DELETED")
 def deleted(
     type: str | None,
     name: str,

@@ -112,7 +112,7 @@ def _edit_and_converge(
         admin,
         ns,
         "cache",
-        lambda s: s.get("observedGeneration") == 2 and s.get("readyReplicas") == "0/2",
+        lambda s: s.get("observedGeneration") == 2 and s.get("replicaStatus") == "0/2",
         "status for generation 2",
         timeout=90,
     )

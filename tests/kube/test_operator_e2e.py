@@ -181,7 +181,7 @@ def test_end_to_end(
         )
         assert broken["errorClass"] == "not_found"
         assert "no model.safetensors" in broken["error"] and "(pod " in broken["error"]
-        assert (status["readyModels"], status["readyReplicas"]) == ("1/2", "1/1")
+        assert (status["readyModels"], status["replicaStatus"]) == ("1/2", "1/1")
         assert status["endpoint"] == f"dns:///cache.{ns}.svc.cluster.local:50051"
         conds = {c["type"]: c for c in status["conditions"]}
         assert (conds["Ready"]["status"], conds["Ready"]["reason"]) == ("False", "ModelFailed")
@@ -198,7 +198,7 @@ def test_end_to_end(
                 else None
             ),
         )
-        assert len(by_reason["Created"]) == 5  # ConfigMap, PVC, two Services, Deployment
+        assert len(by_reason["Created"]) == 6  # ConfigMap, PVC, two Services, PDB, Deployment
         assert by_reason["ModelFailed"][0].type == "Warning"
         assert "model good ready in" in by_reason["ModelReady"][0].message
         assert {e.reporting_instance for es in by_reason.values() for e in es} == {"op-a"}

@@ -188,7 +188,7 @@ def test_an_image_change_rolls_out_with_no_failed_request(
     wait_for(
         f"{replicas} Ready replicas",
         lambda: (
-            status(node).get("readyReplicas") == f"{replicas}/{replicas}"
+            status(node).get("replicaStatus") == f"{replicas}/{replicas}"
             and status(node).get("phase") == "Ready"
         ),
         240,

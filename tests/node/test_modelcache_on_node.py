@@ -147,7 +147,7 @@ def test_a_modelcache_serves_the_in_process_numbers_through_pod_and_cluster_ip(
     node: Node, cache: dict[str, Any], node_models: Path
 ) -> None:
     st = status(node, CACHE)
-    assert (st["readyModels"], st["readyReplicas"]) == ("2/2", "1/1"), st
+    assert (st["readyModels"], st["replicaStatus"], st["readyReplicas"]) == ("2/2", "1/1", 1), st
     models = {m["name"]: m for m in st["models"]}
     assert {m["state"] for m in models.values()} == {"Ready"}, models
     assert all(len(m["fingerprint"]) == 64 for m in models.values()), models
