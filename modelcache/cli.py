@@ -115,6 +115,10 @@ def _download(args: argparse.Namespace) -> int:
 
 
 def _fetch(args: argparse.Namespace) -> int:
+    # PID 1 of its container: without a handler SIGTERM would be ignored and every pod
+    # deletion would wait out the grace period. A download in progress leaves only a
+    # .tmp-* directory, removed by the next run.
+    signal.signal(signal.SIGTERM, _stop_now)
     from modelcache.config import load_config
     from modelcache.daemon.fetch import run
 

@@ -194,8 +194,8 @@ def test_scheduling_gpu_and_secrets_reach_the_pod() -> None:
     )
     dep = builders.build_deployment(s, OWNER)
     pod = dep["spec"]["template"]["spec"]
-    assert pod["containers"][0]["resources"] == {
-        "limits": {"nvidia.com/gpu": 1, "memory": "8Gi"},
+    assert pod["containers"][0]["resources"] == {  # quantities as the API's strings
+        "limits": {"nvidia.com/gpu": "1", "memory": "8Gi"},
         "requests": {"cpu": "2"},
     }
     assert pod["nodeSelector"] == {"gpu": "a100"}

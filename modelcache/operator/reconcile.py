@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
+from pydantic import ValidationError
 
 from modelcache.config import ConfigError
 from modelcache.operator import builders, children, probe
@@ -100,6 +101,9 @@ class Reconciler:
                 if exc.status not in (400, 422):
                     raise
                 spec, error, reason = None, _rejection(exc), "ChildRejected"
+            except ValidationError as exc:  # the client's own schema refused a child
+                lines = str(exc).splitlines()
+                spec, error, reason = None, "; ".join(lines[:3]), "ChildRejected"
         if spec is None:
             observed = generation  # looked at, and refused: the status says why
         # The config the children carry: the new one once applied, else the last applied.

@@ -100,8 +100,14 @@ class Resources(_CamelModel):
     limits: dict[str, int | str] = {}
     requests: dict[str, int | str] = {}
 
-    def manifest(self) -> dict[str, dict[str, int | str]]:
-        return {k: v for k, v in (("limits", self.limits), ("requests", self.requests)) if v}
+    def manifest(self) -> dict[str, dict[str, str]]:
+        """As a container's ``resources``: quantities are strings in the API (the client
+        refuses ``nvidia.com/gpu: 1`` as an integer, though the CRD accepts it)."""
+        return {
+            kind: {name: str(value) for name, value in values.items()}
+            for kind, values in (("limits", self.limits), ("requests", self.requests))
+            if values
+        }
 
     def gpus(self, resource: str = GPU_RESOURCE) -> int:
         value = self.limits.get(resource, 0)
