@@ -65,6 +65,16 @@ kill_pod_processes() {
     [[ -f $procs ]] || continue
     while read -r p; do kill -KILL "$p" 2>/dev/null || true; done <"$procs"
   done
+  # SIGKILL is asynchronous: wait until the cgroups are empty, or their rmdir fails (EBUSY).
+  local _ busy
+  for _ in $(seq 50); do
+    busy=$(cat /sys/fs/cgroup/*/kubepods/cgroup.procs /sys/fs/cgroup/*/kubepods/*/cgroup.procs \
+      /sys/fs/cgroup/*/kubepods/*/*/cgroup.procs /sys/fs/cgroup/*/kubepods/*/*/*/cgroup.procs \
+      2>/dev/null | head -1)
+    [[ -z $busy ]] && return 0
+    sleep 0.2
+  done
+  log "warning: processes still in the kubepods cgroups: $busy"
 }
 
 # node_cleanup [quiet]: everything but the state dir's files.
@@ -121,7 +131,9 @@ node_cleanup() {
         [[ -d $d ]] && find "$d" -depth -type d -exec rmdir {} \; 2>/dev/null
       done
     fi
-    rm -f "$RUN/preexisting"
+    # The record of what existed before the first `up` outlives a crash cleanup (`up` then
+    # must not mistake this run's leftovers for the machine's own); `down` drops it.
+    [[ ${1:-} == quiet ]] || rm -f "$RUN/preexisting"
   fi
   # Imported-image stamps describe a containerd that is gone only with --purge; keep them.
   return 0
