@@ -4,17 +4,18 @@ models loaded through the registry: padding, pooling, statistics, chunking, limi
 from __future__ import annotations
 
 import itertools
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tiny_models
 import torch
+import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from modelcache.config import parse_config
-from modelcache.daemon import inference
 from modelcache.daemon.inference import (
     EmbedItem,
     InputError,
@@ -98,7 +99,7 @@ def test_statistics_match_a_float64_reference() -> None:
     logits[1, :, 7] = float("-inf")  # a masked vocabulary entry must not produce NaN
     ids = torch.randint(0, 50, (2, 6), generator=gen)
     ids[1, 3] = 7  # ...even when it is the observed token
-    got = token_statistics(logits, ids, ALL)
+    got = token_statistics(logits[:, :-1], ids[:, 1:], ALL)
     lp = torch.log_softmax(logits.double(), -1)[:, :-1]
     p = lp.exp()
     plogp = torch.where(p > 0, p * lp, 0.0)
@@ -122,6 +123,8 @@ def test_statistics_match_a_float64_reference() -> None:
 def test_statistics_only_what_was_asked() -> None:
     logits, ids = torch.randn(1, 4, 10), torch.randint(0, 10, (1, 4))
     assert set(token_statistics(logits, ids, LogProbsOptions())) == {"logprobs"}
+    entropy_only = token_statistics(logits, ids, LogProbsOptions(entropy=True))
+    assert "logprob_variance" not in entropy_only and "entropy" in entropy_only
 
 
 @pytest.mark.parametrize("name", ["minilm", "bert-cls"])
@@ -157,14 +160,15 @@ def test_last_token_pooling_on_a_decoder(tiny_lms: dict[str, Path]) -> None:
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
-def test_logprobs_chunked_equals_unchunked(
+def test_logprobs_sliced_equals_unsliced(
     session_registry: ModelRegistry, name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     compute = compute_of(session_registry, name)
+    assert compute.logprob_engine is not None and compute.logprob_engine.split
     items = [LogProbsItem(ids, ALL) for ids in compute.tokenize(TEXTS, truncate=True)]
     items = [items[i] for i in by_length(items)]
     whole = compute.run(items)
-    monkeypatch.setattr(inference, "LOGIT_CHUNK_ELEMENTS", 1)  # one row per forward
+    monkeypatch.setattr(compute.logprob_engine, "slice_elements", 1)  # one position a slice
     for a, b in zip(whole, compute.run(items), strict=True):
         np.testing.assert_array_equal(a.token_ids, b.token_ids)
         np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
@@ -226,3 +230,49 @@ def test_token_ids_are_checked(session_registry: ModelRegistry) -> None:
     with pytest.raises(InputError, match=r"token_ids\[0\] has 300 tokens"):
         compute.check_token_ids([[5] * 300], truncate=False)
     assert len(compute.check_token_ids([[5] * 300], truncate=True)[0]) == 256
+
+
+def _optimal_split_cost(lengths: list[int], overhead: int) -> int:
+    """The exact O(n^2) optimum, as the old implementation computed it."""
+    best = [0] + [1 << 62] * len(lengths)
+    for j in range(1, len(lengths) + 1):
+        for i in range(j):
+            best[j] = min(best[j], best[i] + (j - i) * lengths[j - 1] + overhead)
+    return best[-1]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(1, 512), min_size=1, max_size=200), st.integers(0, 256))
+def test_split_by_length_is_close_to_the_optimum(lengths: list[int], overhead: int) -> None:
+    lengths.sort()
+    bounds = split_by_length(lengths, overhead)
+    cost = sum((b - a) * lengths[b - 1] + overhead for a, b in itertools.pairwise(bounds))
+    assert cost <= 1.25 * _optimal_split_cost(lengths, overhead)
+
+
+def test_split_by_length_is_linear_in_rows() -> None:
+    lengths = sorted(np.random.default_rng(0).integers(1, 512, 4096).tolist())
+    start = time.perf_counter()
+    bounds = split_by_length(lengths, 32)
+    assert time.perf_counter() - start < 0.02  # O(n^2): 1.2 s here; this: 0.3 ms
+    assert len(bounds) > 2
+
+
+def test_a_tokenizer_larger_than_the_embeddings_is_refused(tmp_path: Path) -> None:
+    """Ids past the input embeddings would be a device-side assert on a GPU (the CUDA
+    context is lost for every model of the process): text inputs are checked too."""
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=20000, n_positions=64, n_embd=32, n_layer=1, n_head=2)
+    dest = tmp_path / "small-vocab"
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(dest)
+    tiny_models.copy_tokenizer(dest)  # WordPiece ids up to 30521
+    registry = ModelRegistry(parse_config({"models": [model("g", dest, "causal-lm")]}))
+    registry.prepare()
+    registry.load_all()
+    registry.close()
+    compute = compute_of(registry, "g")
+    assert compute.tokenize(["the quick fox"], truncate=True)[0][-1] == 102
+    with pytest.raises(InputError, match=r"inputs\[1\] tokenizes to id 29145 \('zebra'\).*20000"):
+        compute.tokenize(["the fox", "hello zebra"], truncate=True)
+    with pytest.raises(InputError, match=r"token_ids\[0\]\[1\] = 29145 is outside"):
+        compute.check_token_ids([[101, 29145]], truncate=True)
