@@ -70,7 +70,7 @@ kill_pod_processes() {
   for _ in $(seq 50); do
     busy=$(cat /sys/fs/cgroup/*/kubepods/cgroup.procs /sys/fs/cgroup/*/kubepods/*/cgroup.procs \
       /sys/fs/cgroup/*/kubepods/*/*/cgroup.procs /sys/fs/cgroup/*/kubepods/*/*/*/cgroup.procs \
-      2>/dev/null | head -1)
+      2>/dev/null | head -1 || true)
     [[ -z $busy ]] && return 0
     sleep 0.2
   done
