@@ -156,11 +156,37 @@ def test_sources_cannot_escape_the_model_volume(tmp_path: Path) -> None:
 def test_remote_code_is_never_run_unless_trusted(tmp_path: Path) -> None:
     path = tiny_models.bert(tmp_path / "bert")
     cfg = json.loads((path / "config.json").read_text())
-    cfg["auto_map"] = {"AutoModel": "modeling_evil.EvilModel"}
+    cfg["model_type"] = "evil_bert"  # no native class: only the checkpoint's code could load it
+    cfg["auto_map"] = {
+        "AutoConfig": "configuration_evil.EvilConfig",
+        "AutoModel": "modeling_evil.EvilModel",
+    }
     (path / "config.json").write_text(json.dumps(cfg))
-    (path / "modeling_evil.py").write_text("raise SystemExit('remote code ran')\n")
+    for name in ("configuration_evil.py", "modeling_evil.py"):
+        (path / name).write_text("raise SystemExit('remote code ran')\n")
     entry = load_one(path, "embedding")
     assert entry.error_class == "remote_code" and "trust_remote_code" in entry.error
+
+
+@pytest.mark.parametrize("trusted", [False, True])
+def test_a_native_model_type_loads_natively_whatever_auto_map_says(
+    tmp_path: Path, trusted: bool
+) -> None:
+    """Hub configs of natively supported models (nomic_bert, gte, jina) still carry an
+    auto_map; the native class is used and the checkpoint's code never runs, trusted or not."""
+    path = tiny_models.bert(tmp_path / "bert")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["auto_map"] = {
+        "AutoConfig": "configuration_evil.EvilConfig",
+        "AutoModel": "modeling_evil.EvilModel",
+    }
+    (path / "config.json").write_text(json.dumps(cfg))
+    for name in ("configuration_evil.py", "modeling_evil.py"):
+        (path / name).write_text("raise SystemExit('remote code ran')\n")
+    entry = load_one(path, "embedding", trust_remote_code=trusted)
+    assert entry.state is ModelState.READY, entry.error
+    assert entry.loaded is not None
+    assert type(entry.loaded.model).__module__.startswith("transformers.models.bert.")
 
 
 def test_one_broken_model_does_not_stop_the_others(tmp_path: Path) -> None:

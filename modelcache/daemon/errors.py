@@ -15,6 +15,7 @@ class ModelLoadError(Exception):
         "corrupt_weights",  # unreadable, truncated or inconsistent safetensors
         "missing_weights",  # checkpoint keys missing (and not allowed)
         "unexpected_weights",
+        "unsupported_quantization",  # quantized weights (config or tensor dtypes): refused
         "meta_tensor",  # a parameter or buffer left on the meta device
         "verify_failed",  # fingerprint or canary mismatch
         "out_of_memory",

@@ -20,11 +20,13 @@ import torch
 import transformers
 
 from modelcache.config import ModelSpec
-from modelcache.daemon import globalstate, verify
+from modelcache.daemon import globalstate, keys, verify
+from modelcache.daemon.conversion import plan_conversion
 from modelcache.daemon.errors import ModelLoadError
 from modelcache.daemon.materialize import assign_weights, construct, param_dtypes
 from modelcache.daemon.resolve import PreparedModel, prepare_model
-from modelcache.daemon.weights import TensorInfo, read_shard
+from modelcache.daemon.reverse import live_views
+from modelcache.daemon.weights import read_shard
 from modelcache.metrics import (
     BUILD_INFO,
     META_TENSOR_ERRORS,
@@ -131,29 +133,34 @@ def _load(prepared: PreparedModel, stages: dict[str, float]) -> LoadedModel:
     device, dtype = _device(spec), DTYPES[spec.dtype]
     clock = time.perf_counter()
 
+    # Plan from the headers before reading a byte: a checkpoint that cannot be loaded
+    # faithfully (quantized, keys with no place) fails before its weights are read.
+    infos = {t.name: t for shard in prepared.shards for t in shard.tensors}
+    files = {t.name: (t, shard.path) for shard in prepared.shards for t in shard.tensors}
+    model = construct(prepared)
+    plan = plan_conversion(model, {k: t.shape for k, t in infos.items()})
+    keys.check_plan(model, prepared, plan, infos)
+    # Building and planning is materialize time (the stage names are a metric's labels).
+    planned, clock = time.perf_counter() - clock, time.perf_counter()
+
     ckpt: dict[str, torch.Tensor] = {}
-    files: dict[str, tuple[TensorInfo, Path]] = {}
     for shard in prepared.shards:
         ckpt.update(read_shard(shard))
-        files.update({t.name: (t, shard.path) for t in shard.tensors})
     stages["read"], clock = time.perf_counter() - clock, time.perf_counter()
 
-    model = construct(prepared)
-    model_to_ckpt = assign_weights(model, prepared, ckpt, device, dtype)
+    assign_weights(model, prepared, plan, ckpt, device, dtype)
     del ckpt
     model.eval()
     model.requires_grad_(False)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    stages["materialize"], clock = time.perf_counter() - clock, time.perf_counter()
+    stages["materialize"], clock = planned + time.perf_counter() - clock, time.perf_counter()
 
     verify.check_placement(model, spec.name, device, param_dtypes(model, dtype))
     verify.check_finite(model)
     live = model.state_dict()
-    digest = verify.fingerprint(
-        {c: live[m] for m, c in model_to_ckpt.items()},
-        {c: files[c] for c in model_to_ckpt.values()},
-    )
+    views = live_views(plan, live, {k: t.shape for k, t in infos.items()})
+    digest = verify.fingerprint(views, {c: files[c] for c in views})
     stages["verify"], clock = time.perf_counter() - clock, time.perf_counter()
 
     canary = verify.canary(model, prepared.tokenizer, spec.task, device)

@@ -9,9 +9,10 @@ device. Checkpoint tensors are then converted straight to the target device and 
 and *assigned* (zero-copy on CPU when dtypes match), so the device never holds a second
 copy of the model. Buffers follow to the device keeping their dtype.
 
-Every checkpoint key must land on one model key and every model key must come from the
-checkpoint, a tie the config declares, or an ``allow_missing`` pattern; anything else
-fails the load, naming the keys.
+Where each checkpoint tensor goes is planned beforehand (conversion: transformers' renames
+and fusions, checked in keys); every model key must come from the checkpoint, a tie the
+config declares, or an ``allow_missing`` pattern; anything else fails the load, naming the
+keys.
 """
 
 from __future__ import annotations
@@ -25,10 +26,9 @@ from typing import Any
 import torch
 from transformers import initialization as hf_init
 
-from modelcache.daemon.errors import ModelLoadError
+from modelcache.daemon import keys
+from modelcache.daemon.conversion import Plan, full, index, region_shape
 from modelcache.daemon.resolve import PreparedModel
-
-_LEGACY = ((".gamma", ".weight"), (".beta", ".bias"))
 
 
 @contextmanager
@@ -66,81 +66,6 @@ def param_dtypes(model: Any, dtype: torch.dtype) -> dict[str, torch.dtype]:
     return out
 
 
-def map_keys(ckpt_keys: list[str], model_keys: set[str], prefix: str) -> dict[str, str]:
-    """checkpoint key -> model key, trying the layouts transformers itself accepts: as is,
-    with the base-model prefix stripped (head checkpoint into a base model) or added
-    (base checkpoint into a head model), and legacy LayerNorm gamma/beta names."""
-
-    def candidates(k: str) -> Iterator[str]:
-        yield k
-        for old, new in _LEGACY:
-            if k.endswith(old) and "LayerNorm" in k:
-                yield k[: -len(old)] + new
-
-    def layout(transform: Any) -> dict[str, str]:
-        out = {}
-        for k in ckpt_keys:
-            for c in candidates(transform(k)):
-                if c in model_keys:
-                    out[k] = c
-                    break
-        return out
-
-    options = [layout(lambda k: k)]
-    if prefix:
-        p = prefix + "."
-        options.append(layout(lambda k: k[len(p) :] if k.startswith(p) else k))
-        options.append(layout(lambda k: k if k.startswith(p) else p + k))
-    return max(options, key=len)
-
-
-def _matches(key: str, patterns: Any) -> bool:
-    return any(re.search(p, key) for p in patterns or ())
-
-
-def _tie_hint(keys: list[str], config: Any) -> str:
-    text_cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
-    if any("lm_head" in k for k in keys) and not getattr(text_cfg, "tie_word_embeddings", True):
-        return (
-            " — the config says tie_word_embeddings=false but the checkpoint has no "
-            "lm_head: it was saved tied. Set tie_word_embeddings accordingly"
-        )
-    return ""
-
-
-def _check_keys(
-    model: Any, prepared: PreparedModel, ckpt: dict[str, torch.Tensor], mapping: dict[str, str]
-) -> None:
-    spec = prepared.spec
-    model_keys = set(model.state_dict(keep_vars=True))
-    non_persistent = {n for n, _ in model.named_buffers()} - model_keys
-    ignored = getattr(model, "_keys_to_ignore_on_load_unexpected", None)
-    unexpected = [
-        k
-        for k in ckpt
-        if k not in mapping
-        and not _matches(k, spec.allow_unexpected)
-        and not _matches(k, ignored)
-        and k not in non_persistent
-        and k.split(".", 1)[-1] not in non_persistent
-    ]
-    if unexpected:
-        raise ModelLoadError(
-            "unexpected_weights",
-            f"checkpoint keys the {type(model).__name__} has no place for: "
-            f"{', '.join(sorted(unexpected)[:8])}{' ...' if len(unexpected) > 8 else ''} "
-            "(wrong task or architecture? list them in allow_unexpected to ignore them)",
-        )
-    seen: dict[str, str] = {}
-    for ckey, mkey in mapping.items():
-        if mkey in seen:
-            raise ModelLoadError(
-                "corrupt_weights",
-                f"checkpoint keys {seen[mkey]!r} and {ckey!r} both map to {mkey!r}",
-            )
-        seen[mkey] = ckey
-
-
 def _release_shards(new_state: dict[str, torch.Tensor], ckpt: dict[str, torch.Tensor]) -> None:
     """Zero-copy views keep their whole shard buffer alive. Where a shard is mostly not
     kept (converted dtypes, ignored keys), copy the few views out so it can be freed."""
@@ -153,51 +78,72 @@ def _release_shards(new_state: dict[str, torch.Tensor], ckpt: dict[str, torch.Te
         ptr = t.untyped_storage().data_ptr()
         if ptr in storage_bytes:
             kept[ptr].append(key)
-    for ptr, keys in kept.items():
-        used = sum(new_state[k].numel() * new_state[k].element_size() for k in keys)
+    for ptr, names in kept.items():
+        used = sum(new_state[k].numel() * new_state[k].element_size() for k in names)
         if used < 0.9 * storage_bytes[ptr]:
-            for k in keys:
+            for k in names:
                 new_state[k] = new_state[k].clone()
+
+
+def _convert(src: torch.Tensor, device: torch.device, want: torch.dtype) -> torch.Tensor:
+    if src.device != device:  # copy in the checkpoint dtype, convert on the device
+        src = src.to(device, non_blocking=True)
+    return src.to(want) if src.dtype != want else src
+
+
+def fill(
+    model: Any,
+    plan: Plan,
+    ckpt: dict[str, torch.Tensor],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> dict[str, torch.Tensor]:
+    """The model's new tensors on ``device``: a renamed checkpoint tensor is converted (or
+    kept as a zero-copy view of its shard); a fused one (MoE experts) is allocated once and
+    written slice by slice, so no full-size temporary of it ever exists."""
+    state = model.state_dict(keep_vars=True)
+    targets = param_dtypes(model, dtype)
+    out: dict[str, torch.Tensor] = {}
+    for mkey, pieces in plan.targets.items():
+        dst = state[mkey]
+        want = targets.get(mkey, dst.dtype)
+        if len(pieces) == 1 and pieces[0].dst == full(tuple(dst.shape)):
+            p = pieces[0]
+            src = ckpt[p.ckey][index(p.src)].reshape(dst.shape)  # a view where it can be
+            out[mkey] = _convert(src, device, want)
+            continue
+        fused = torch.empty(dst.shape, dtype=want, device=device)
+        for p in pieces:
+            part = ckpt[p.ckey][index(p.src)].reshape(region_shape(p.dst))
+            fused[index(p.dst)].copy_(part, non_blocking=True)
+        out[mkey] = fused
+    return out
 
 
 def assign_weights(
     model: Any,
     prepared: PreparedModel,
+    plan: Plan,
     ckpt: dict[str, torch.Tensor],
     device: torch.device,
     dtype: torch.dtype,
-) -> dict[str, str]:
-    """Move the checkpoint into the model on ``device``; return model key -> checkpoint key."""
-    state = model.state_dict(keep_vars=True)
-    mapping = map_keys(list(ckpt), set(state), getattr(model, "base_model_prefix", "") or "")
-    _check_keys(model, prepared, ckpt, mapping)
-    targets = param_dtypes(model, dtype)
-    new_state: dict[str, torch.Tensor] = {}
-    for ckey, mkey in mapping.items():
-        src, dst = ckpt[ckey], state[mkey]
-        if tuple(src.shape) != tuple(dst.shape):
-            raise ModelLoadError(
-                "corrupt_weights",
-                f"{ckey}: checkpoint shape {list(src.shape)} != model shape "
-                f"{list(dst.shape)} (config does not match weights)",
-            )
-        want = targets.get(mkey, dst.dtype)
-        if src.device != device:  # copy in the checkpoint dtype, convert on the device
-            src = src.to(device, non_blocking=True)
-        new_state[mkey] = src.to(want) if src.dtype != want else src
+) -> None:
+    """Give the model the checkpoint's tensors on ``device`` by ``plan`` (already checked,
+    see keys.check_plan), tie, and fail on any model key that came from nowhere."""
+    new_state = fill(model, plan, ckpt, device, dtype)
     if device.type == "cpu":
         _release_shards(new_state, ckpt)
+    shapes = {k: tuple(t.shape) for k, t in ckpt.items()}
     model.load_state_dict(new_state, strict=False, assign=True)
-    loaded = {m: c for c, m in mapping.items()}
-    _place_the_rest(model, loaded, targets, device)
+    del new_state
+    _place_the_rest(model, set(plan.targets), param_dtypes(model, dtype), device)
     model.tie_weights()
-    _resolve_missing(model, prepared, loaded)
+    keys.resolve_missing(model, prepared, plan, shapes)
     _set_config_dtype(model.config, dtype)
-    return loaded
 
 
 def _place_the_rest(
-    model: Any, loaded: dict[str, str], targets: dict[str, torch.dtype], device: torch.device
+    model: Any, loaded: set[str], targets: dict[str, torch.dtype], device: torch.device
 ) -> None:
     """Tensors not from the checkpoint: buffers move to the device keeping their dtype;
     parameters get fresh storage on the device (initialised later if allowed missing)."""
@@ -219,34 +165,3 @@ def _set_config_dtype(config: Any, dtype: torch.dtype) -> None:
     for sub in getattr(config, "sub_configs", {}) or {}:
         if (c := getattr(config, sub, None)) is not None:
             c.dtype = dtype
-
-
-def _resolve_missing(model: Any, prepared: PreparedModel, loaded: dict[str, str]) -> None:
-    """Every model key not loaded must be tied to a loaded one or explicitly allowed."""
-    state = model.state_dict(keep_vars=True)
-    loaded_ptrs = {state[k].data_ptr() for k in loaded}
-    missing = [k for k, t in state.items() if k not in loaded and t.data_ptr() not in loaded_ptrs]
-    forbidden = [k for k in missing if not _matches(k, prepared.spec.allow_missing)]
-    if forbidden:
-        raise ModelLoadError(
-            "missing_weights",
-            f"model keys absent from the checkpoint: {', '.join(sorted(forbidden)[:8])}"
-            f"{' ...' if len(forbidden) > 8 else ''}{_tie_hint(forbidden, prepared.config)} "
-            "(they would be random; list them in allow_missing only if that is intended, "
-            "e.g. a new classification head)",
-        )
-    if not missing:
-        return
-    # Allowed-missing tensors get the model's own initialisation; loaded ones are flagged
-    # so transformers' guarded init functions leave them alone.
-    for k, t in state.items():
-        if k in loaded:
-            t._is_hf_initialized = True  # type: ignore[attr-defined]
-    owners = {k.rsplit(".", 1)[0] if "." in k else "" for k in missing}
-    for name in owners:
-        module = model.get_submodule(name)
-        for p in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
-            if not getattr(p, "_is_hf_initialized", False):
-                with torch.no_grad():
-                    p.zero_()  # defined values even if _init_weights skips this tensor
-        model._init_weights(module)

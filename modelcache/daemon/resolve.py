@@ -16,9 +16,16 @@ from pathlib import Path
 from typing import Any
 
 import transformers
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+from transformers import (
+    CONFIG_MAPPING,
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+)
 
 from modelcache.config import DaemonConfig, ModelSpec
+from modelcache.daemon import quantization
 from modelcache.daemon.errors import ModelLoadError
 from modelcache.daemon.weights import Shard, find_shards, read_header
 
@@ -109,8 +116,22 @@ def _classify(exc: Exception, spec: ModelSpec, path: Path) -> ModelLoadError:
     return ModelLoadError("bad_config", f"{path}: cannot read config.json ({msg.splitlines()[0]})")
 
 
-def _model_class(spec: ModelSpec, hf_config: Any, path: Path) -> type:
-    auto_map = getattr(hf_config, "auto_map", None) or {}
+def native_model_type(path: Path) -> str | None:
+    """config.json's model_type when transformers implements it itself (nomic_bert, gte,
+    jina_embeddings_v3 are native in 5.23 although their hub configs carry an auto_map):
+    then the native class is used and the checkpoint's code is never run, trusted or not."""
+    try:
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        return None
+    native = CONFIG_MAPPING[model_type].__module__.startswith("transformers.")
+    return model_type if native else None
+
+
+def _model_class(spec: ModelSpec, hf_config: Any, path: Path, native: bool = False) -> type:
+    auto_map = {} if native else getattr(hf_config, "auto_map", None) or {}
     name = _AUTO_NAMES[spec.task]
     if auto_map:
         if not spec.trust_remote_code:
@@ -144,16 +165,23 @@ def prepare_model(spec: ModelSpec, config: DaemonConfig) -> PreparedModel:
     kwargs = {"local_files_only": True, "trust_remote_code": spec.trust_remote_code}
     if not (path / "config.json").is_file():
         raise ModelLoadError("not_found", f"{path} has no config.json")
+    native = native_model_type(path) is not None
     try:
-        hf_config = AutoConfig.from_pretrained(str(path), **kwargs)
+        hf_config = AutoConfig.from_pretrained(
+            str(path), **{**kwargs, "trust_remote_code": spec.trust_remote_code and not native}
+        )
     except (ValueError, OSError, KeyError, TypeError) as exc:
         raise _classify(exc, spec, path) from None
-    model_class = _model_class(spec, hf_config, path)
+    quantization.check_config(path, hf_config)
+    model_class = _model_class(spec, hf_config, path, native)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), **kwargs)
+        # The config already resolved (natively where possible): the tokenizer must not
+        # re-resolve it through auto_map. Its own custom code still needs trust.
+        tokenizer = AutoTokenizer.from_pretrained(str(path), config=hf_config, **kwargs)
     except (ValueError, OSError, KeyError, TypeError) as exc:
         raise ModelLoadError("bad_config", f"{path}: cannot load the tokenizer ({exc})") from None
     shards = [read_header(p) for p in find_shards(path)]
+    quantization.check_headers(shards)
     revision = spec.revision or _local_revision(path, shards)
     return PreparedModel(
         spec=spec,

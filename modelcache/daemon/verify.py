@@ -9,8 +9,9 @@ ones while making the error go away (seed 001). A failed check fails the load.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -77,29 +78,35 @@ def check_placement(
         )
 
 
+def _take(tensor: torch.Tensor | Callable[[list[int]], torch.Tensor], idx: list[int]) -> Any:
+    if not isinstance(tensor, torch.Tensor):  # a converted tensor: see reverse.live_views
+        return tensor(idx)
+    flat = tensor.detach().reshape(-1)
+    return flat[torch.tensor(idx, dtype=torch.long, device=tensor.device)].cpu()
+
+
 def fingerprint(
-    live: Mapping[str, torch.Tensor], files: Mapping[str, tuple[TensorInfo, Path]]
+    live: Mapping[str, torch.Tensor | Callable[[list[int]], torch.Tensor]],
+    files: Mapping[str, tuple[TensorInfo, Path]],
 ) -> str:
     """Hash a deterministic sample of every checkpoint tensor, after checking that the
     live model holds exactly what the file holds at those positions.
 
     ``files`` maps checkpoint key -> (TensorInfo, path); samples are re-read from the file
     with pread, so a buffer that went wrong anywhere between disk and device is caught.
+    ``live`` maps checkpoint key -> the model tensor it became, or for a converted tensor
+    (fused experts, split QKV) a function giving its live values at flat positions of the
+    checkpoint tensor (the reverse conversion), so every slice is checked against its file.
     """
     h = hashlib.sha256()
     mismatched: list[str] = []
     for key in sorted(files):
         info, path = files[key]
-        tensor = live[key]
         idx = sample_indices(info.numel)
         from_file = read_samples(info, path, idx)
-        if from_file.is_floating_point() and tensor.is_floating_point():
-            from_file = from_file.to(tensor.dtype)
-        got = (
-            tensor.detach()
-            .reshape(-1)[torch.tensor(idx, dtype=torch.long, device=tensor.device)]
-            .cpu()
-        )
+        got = _take(live[key], idx)
+        if from_file.is_floating_point() and got.is_floating_point():
+            from_file = from_file.to(got.dtype)
         if got.dtype != from_file.dtype or not torch.equal(
             got.view(torch.uint8) if got.numel() else got,
             from_file.view(torch.uint8) if from_file.numel() else from_file,
@@ -140,6 +147,18 @@ def check_finite(model: torch.nn.Module) -> None:
         )
 
 
+def _routes_tokens(model: torch.nn.Module) -> bool:
+    """Mixture-of-experts: each expert multiplies the tokens routed to it, gathered, so
+    where a row sits in the batch changes the matmul's blocking and its last bits."""
+    return any(type(m).__name__.endswith("Experts") for m in model.modules())
+
+
+def _canary_pass(model: torch.nn.Module, inputs: dict[str, torch.Tensor], task: str) -> Any:
+    with torch.inference_mode():
+        out = model(**inputs)
+        return (out.logits if task == "causal-lm" else out.last_hidden_state).float().cpu()
+
+
 def canary(model: torch.nn.Module, tokenizer: object, task: str, device: torch.device) -> str:
     """One forward pass over the canary text, twice in one batch: outputs must be finite and
     both rows bit-identical. Returns a digest of the output.
@@ -147,17 +166,20 @@ def canary(model: torch.nn.Module, tokenizer: object, task: str, device: torch.d
     Two identical rows in one pass catch non-deterministic kernels (split reductions,
     atomics) at the cost of one pass instead of two: for a large model the pass is
     memory-bound, so a second pass would cost as much as a large share of the read.
+    Mixture-of-experts models get two one-row passes instead: their rows legitimately
+    differ in the last bits with their position in the batch (measured on tiny Mixtral).
     """
     enc = tokenizer(CANARY_TEXT, return_tensors="pt")  # type: ignore[operator]
     # A few tokens suffice: every weight is still read once.
     inputs = {
-        k: v[:, :CANARY_TOKENS].repeat(2, 1).to(device)
+        k: v[:, :CANARY_TOKENS].to(device)
         for k, v in enc.items()
         if k in ("input_ids", "attention_mask", "token_type_ids")
     }
-    with torch.inference_mode():
-        out = model(**inputs)
-        t = (out.logits if task == "causal-lm" else out.last_hidden_state).float().cpu()
+    if _routes_tokens(model):
+        t = torch.cat([_canary_pass(model, inputs, task) for _ in range(2)])
+    else:
+        t = _canary_pass(model, {k: v.repeat(2, 1) for k, v in inputs.items()}, task)
     if not torch.isfinite(t).all():
         raise ModelLoadError("verify_failed", "canary forward pass produced NaN or Inf")
     if not torch.equal(t[0], t[1]):
