@@ -20,7 +20,7 @@ import torch
 import transformers
 
 from modelcache.config import ModelSpec
-from modelcache.daemon import globalstate, keys, verify
+from modelcache.daemon import globalstate, keys, verify, wire
 from modelcache.daemon.conversion import plan_conversion
 from modelcache.daemon.errors import ModelLoadError
 from modelcache.daemon.materialize import assign_weights, construct, param_dtypes
@@ -171,7 +171,7 @@ def _load(prepared: PreparedModel, stages: dict[str, float]) -> LoadedModel:
         dims = int(model.get_output_embeddings().weight.shape[0])
     else:
         dims = int(getattr(text_cfg, "hidden_size", 0) or 0)
-    return LoadedModel(
+    loaded = LoadedModel(
         spec=spec,
         model=model,
         tokenizer=prepared.tokenizer,
@@ -185,6 +185,8 @@ def _load(prepared: PreparedModel, stages: dict[str, float]) -> LoadedModel:
         canary=canary,
         stage_seconds=stages,
     )
+    wire.check(loaded)  # an impossible max_length fails this model, not ListModels
+    return loaded
 
 
 def count_failure(name: str, error_class: str) -> None:
