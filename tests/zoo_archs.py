@@ -254,5 +254,6 @@ ARCHS: list[Arch] = [
             **_lm(num_local_experts=4, num_experts_per_tok=2, head_dim=8, sliding_window=16)
         ),
         dtype="bfloat16",
+        notes="bf16; the MXFP4 hub release declares quantization_config: refused",
     ),
 ]
