@@ -109,6 +109,20 @@ BATCH_TOKENS = Histogram(
     buckets=BATCH_TOKEN_BUCKETS,
     registry=DAEMON_REGISTRY,
 )
+BATCH_OOM = Counter(
+    "modelcache_batch_oom",
+    "Batches that ran out of device memory: outcome=split (computed again in two halves) "
+    "or too_large (one sequence that does not fit alone: RESOURCE_EXHAUSTED).",
+    ["model", "outcome"],
+    registry=DAEMON_REGISTRY,
+)
+DEVICE_FAILURES = Counter(
+    "modelcache_device_failures",
+    "Device errors that poison the CUDA context (device-side assert, illegal memory "
+    "access): the model turns NOT_SERVING and the daemon exits to be restarted.",
+    ["model"],
+    registry=DAEMON_REGISTRY,
+)
 QUEUE_DEPTH = Gauge(
     "modelcache_queue_depth",
     "Sequences admitted and waiting for a forward pass.",

@@ -145,7 +145,10 @@ class ForwardGate:
         self.release = threading.Event()
         self.release.set()
         self.raise_on: dict[int, BaseException] = {}
-        self._handle = module.register_forward_pre_hook(self._hook, with_kwargs=True)
+        # The body: a causal LM's log-probs run it and then the head over token slices,
+        # never the LM's own forward (an embedder's base_model is itself).
+        body = getattr(module, "base_model", module)
+        self._handle = body.register_forward_pre_hook(self._hook, with_kwargs=True)
 
     def _hook(self, module: torch.nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)

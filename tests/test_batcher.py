@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from concurrent.futures import wait
 from typing import Any
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,7 +22,9 @@ from modelcache.daemon.batcher import (
     BatcherStopped,
     ComputeFailed,
     DeadlineExpired,
+    DeviceLost,
     QueueFull,
+    TooLarge,
     WorkerDied,
     select_batch,
 )
@@ -266,3 +270,89 @@ def test_a_batch_that_runs_too_long_marks_the_batcher_unhealthy(
     compute.release.set()
     assert job.future.result(10) == [2]
     assert not b.stalled() and b.healthy()
+
+
+class SmallDevice(Doubler):
+    """A device that holds at most ``capacity`` padded tokens per batch: above that the
+    compute allocates its "activations" and raises like torch's CUDA allocator. Records
+    whether the activations of the previous failed batch were still alive when the next
+    batch started (they are, if the retry runs inside the ``except`` block)."""
+
+    def __init__(self, capacity: int, error: type[Exception] = torch.OutOfMemoryError) -> None:
+        super().__init__()
+        self.capacity, self.error = capacity, error
+        self.failed: list[weakref.ref[torch.Tensor]] = []
+        self.alive_at_retry: list[bool] = []
+
+    def __call__(self, items: Sequence[int]) -> list[int]:
+        self.alive_at_retry += [ref() is not None for ref in self.failed]
+        padded = len(items) * max(lengths_of(items))
+        if padded > self.capacity:
+            self.batches.append(list(items))
+            activations = torch.empty(padded, 1024)
+            self.failed.append(weakref.ref(activations))
+            raise self.error(f"CUDA out of memory. Tried to allocate {padded} tokens")
+        return super().__call__(items)
+
+
+def test_an_oom_batch_is_split_until_it_fits(make: Any) -> None:
+    device = SmallDevice(capacity=40)
+    b = make(max_batch_size=64)
+    b._compute = device
+    device.hold()
+    first = submit(b, [1])
+    assert device.entered.wait(10)
+    jobs = [submit(b, [8 + k, 8 + k]) for k in range(4)]  # 8 rows of ~10 tokens: 80 > 40
+    device.release.set()
+    assert first.future.result(10) == [2]
+    for k, job in enumerate(jobs):
+        assert job.future.result(10) == [2 * (8 + k)] * 2
+    assert len(device.failed) >= 1 and sum(map(len, device.batches)) > 8
+    # Every retry ran after the failed batch's activations had been freed.
+    assert device.alive_at_retry and not any(device.alive_at_retry)
+    assert b.healthy()
+
+
+def test_a_sequence_that_does_not_fit_alone_is_too_large(make: Any) -> None:
+    device = SmallDevice(capacity=40)
+    b = make(max_batch_size=64)
+    b._compute = device
+    device.hold()
+    first = submit(b, [1])
+    assert device.entered.wait(10)
+    big = submit(b, [3, 49])  # sequence 1 has 50 tokens
+    small = submit(b, [4, 5])
+    device.release.set()
+    first.future.result(10)
+    with pytest.raises(TooLarge, match=r"sequence 1 of the request has 50 tokens.*alone"):
+        big.future.result(10)
+    assert small.future.result(10) == [8, 10]
+    assert submit(b, [7]).future.result(10) == [14] and b.healthy()
+
+
+@pytest.mark.parametrize("error", ["a RuntimeError", "torch's AcceleratorError"])
+def test_a_device_failure_is_fatal_for_the_batcher(make: Any, error: str) -> None:
+    """A poisoned CUDA context: the batch and the queue fail with DeviceLost, nothing is
+    retried or restarted, and the batcher refuses new work."""
+    exc: Exception = (
+        RuntimeError("CUDA error: device-side assert triggered")
+        if error == "a RuntimeError"
+        else torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+    )
+    device = Doubler()
+    died = threading.Event()
+    b = make(max_batch_size=1)
+    b._compute, b._on_death = device, died.set
+    device.fail_on[13] = exc
+    device.hold()
+    failing = submit(b, [13])
+    assert device.entered.wait(10)
+    queued = submit(b, [4])
+    device.release.set()
+    for job in (failing, queued):
+        with pytest.raises(DeviceLost, match="CUDA error"):
+            job.future.result(10)
+    assert died.wait(10) and b.device_lost and not b.healthy() and not b.dead()
+    with pytest.raises(DeviceLost):
+        submit(b, [5])
+    assert device.batches == [[13]]  # neither retried nor anything computed after it

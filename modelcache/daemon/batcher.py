@@ -13,27 +13,48 @@ tokenization overlaps compute. The servicer announces requests it is tokenizing
 request is on its way, so a lone request is not delayed. While the worker is busy,
 requests queue up and the next batch is whatever is waiting.
 
-Failure handling: an ``Exception`` from the compute function fails the request it was
-computing (``ComputeFailed``) and the worker goes on; when the batch held several requests,
-each is computed again alone first, so one request the model cannot take does not fail the
-others batched with it. Anything that ends the thread fails the batch it was running
-(``WorkerDied``) at once and wakes the watchdog (health.py), which restarts the worker or
-fails the batcher, so requests are refused instead of hanging. Cancelled requests and
-requests past their deadline are dropped before they are computed.
+Failure handling (devicefaults.py names the kinds): an out-of-memory batch is split in
+two and each half computed again, down to single sequences; one that does not fit alone
+fails its request with ``TooLarge`` (RESOURCE_EXHAUSTED, naming its token count). Any other
+``Exception`` fails the request it was computing (``ComputeFailed``) and the worker goes
+on; when the batch held several requests, each is computed again alone first, so one
+request the model cannot take does not fail the others batched with it. Retries run after
+the ``except`` block has ended: inside it, the traceback would keep the failed pass's
+frames, and with them its activations, alive while the retry allocates its own. A device
+error that poisons the CUDA context fails everything with ``DeviceLost`` (UNAVAILABLE) and
+ends the worker for good: the watchdog reports NOT_SERVING and stops the process.
+Anything that ends the thread otherwise fails the batch it was running (``WorkerDied``) at
+once and wakes the watchdog (health.py), which restarts the worker or fails the batcher, so
+requests are refused instead of hanging. Cancelled requests and requests past their
+deadline are dropped before they are computed.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
+import traceback
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, InvalidStateError
-from dataclasses import dataclass, field
 from typing import Any
 
 from modelcache.config import BatchingConfig
+from modelcache.daemon import devicefaults
+from modelcache.daemon.batchfailures import FailureRecovery
+from modelcache.daemon.batchjobs import (
+    BatcherFailed,
+    BatchError,
+    BatcherStopped,
+    ComputeFailed,
+    DeadlineExpired,
+    DeviceLost,
+    Job,
+    QueueFull,
+    TooLarge,
+    WorkerDied,
+    _Seq,
+    select_batch,
+)
 from modelcache.metrics import (
     BATCH_SIZE,
     BATCH_TOKENS,
@@ -41,6 +62,21 @@ from modelcache.metrics import (
     REQUEST_DURATION,
     TOKENS,
 )
+
+__all__ = [
+    "BatchError",
+    "Batcher",
+    "BatcherFailed",
+    "BatcherStopped",
+    "ComputeFailed",
+    "DeadlineExpired",
+    "DeviceLost",
+    "Job",
+    "QueueFull",
+    "TooLarge",
+    "WorkerDied",
+    "select_batch",
+]
 
 log = logging.getLogger(__name__)
 
@@ -50,100 +86,7 @@ Compute = Callable[[Sequence[Any]], Sequence[Any]]
 STALL_AFTER_S = 300.0
 
 
-class BatchError(Exception):
-    """Why a request was not computed; the servicer maps each subclass to a status."""
-
-
-class QueueFull(BatchError):
-    pass
-
-
-class ComputeFailed(BatchError):
-    pass
-
-
-class WorkerDied(BatchError):
-    pass
-
-
-class BatcherFailed(BatchError):
-    pass
-
-
-class BatcherStopped(BatchError):
-    pass
-
-
-class DeadlineExpired(BatchError):
-    pass
-
-
-@dataclass(eq=False)
-class Job:
-    """One request: its sequences' results fill ``results``; ``future`` gets the list."""
-
-    items: Sequence[Any]
-    deadline: float | None  # time.monotonic()
-    future: Future[list[Any]] = field(default_factory=Future)
-    admitted: float = field(default_factory=time.perf_counter)
-    results: list[Any] = field(default_factory=list)
-    remaining: int = 0
-    started: bool = False
-    cancelled: bool = False
-
-    def cancel(self) -> None:
-        """Mark abandoned: the worker skips whatever has not been computed yet."""
-        self.cancelled = True
-        self.future.cancel()
-
-    def fail(self, exc: BaseException) -> None:
-        # The client may cancel the future at any moment from another thread.
-        with contextlib.suppress(InvalidStateError):
-            self.future.set_exception(exc)
-
-    def finish(self) -> None:
-        with contextlib.suppress(InvalidStateError):
-            self.future.set_result(self.results)
-
-    def expired(self, now: float) -> bool:
-        return self.deadline is not None and now >= self.deadline
-
-
-@dataclass(eq=False)
-class _Seq:
-    job: Job
-    index: int
-    length: int
-
-
-def select_batch(lengths: Sequence[int], max_tokens: int, max_rows: int) -> list[int]:
-    """Indices (into ``lengths``, oldest first) of the next batch, shortest first.
-
-    The oldest sequence (index 0) is always in it; neighbours in length order are added,
-    whichever side adds less padding, while rows x longest <= ``max_tokens`` and rows <=
-    ``max_rows``. A sequence longer than ``max_tokens`` runs alone.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
-    lo = hi = order.index(0)
-    width = lengths[0]
-    while hi - lo + 1 < max_rows:
-        rows = hi - lo + 1
-        cost_lo = cost_hi = None
-        if lo > 0 and (rows + 1) * width <= max_tokens:
-            cost_lo = width - lengths[order[lo - 1]]
-        up = lengths[order[hi + 1]] if hi + 1 < len(order) else 0
-        if hi + 1 < len(order) and (rows + 1) * up <= max_tokens:
-            cost_hi = (up - width) * rows
-        if cost_lo is None and cost_hi is None:
-            break
-        if cost_hi is None or (cost_lo is not None and cost_lo <= cost_hi):
-            lo -= 1
-        else:
-            hi, width = hi + 1, up
-    return order[lo : hi + 1]
-
-
-class Batcher:
+class Batcher(FailureRecovery):
     def __init__(
         self,
         name: str,
@@ -167,6 +110,7 @@ class Batcher:
         self._thread: threading.Thread | None = None
         self._died = threading.Event()
         self.failure = ""  # set when the batcher gave up; requests are refused
+        self.device_lost = ""  # set when the device failed for good (devicefaults.py)
         self.last_death = ""
         self._depth = QUEUE_DEPTH.labels(model=name)
         self._depth.set(0)
@@ -186,6 +130,7 @@ class Batcher:
             alive
             and not self._died.is_set()
             and not self.failure
+            and not self.device_lost
             and not self._stopping
             and not self._draining
             and not self.stalled()
@@ -200,6 +145,8 @@ class Batcher:
     def dead(self) -> bool:
         """The worker ended without being asked to: the watchdog should act."""
         if self._stopping or self._draining or self.failure or self._thread is None:
+            return False
+        if self.device_lost:  # a restart would compute on a poisoned context
             return False
         return self._died.is_set() or not self._thread.is_alive()
 
@@ -274,6 +221,8 @@ class Batcher:
         with self._cond:
             if announced:
                 self._expected -= 1
+            if self.device_lost:
+                raise DeviceLost(self.device_lost)
             if self.failure:
                 raise BatcherFailed(self.failure)
             if self._stopping or (self._draining and not announced):
@@ -306,6 +255,8 @@ class Batcher:
                 self._running, self._batch_started = batch, time.monotonic()
                 self._execute(batch)
                 self._running, self._batch_started = [], 0.0
+                if self.device_lost:
+                    return
         except BaseException as exc:  # the thread ends here either way; say why, once
             self.last_death = f"{type(exc).__name__}: {exc}"
             log.critical("model %s: batch worker died", self.name, exc_info=True)
@@ -385,24 +336,19 @@ class Batcher:
                 REQUEST_DURATION.labels(self.name, self.method, "queue").observe(
                     start - s.job.admitted
                 )
+        failure: tuple[devicefaults.Kind, str, str] | None = None
         try:
             outputs = self._compute_all(batch)
         except Exception as exc:
-            jobs = list(dict.fromkeys(s.job for s in batch))
-            log.exception(
-                "model %s: batch of %d sequences from %d requests failed",
-                self.name,
-                len(batch),
-                len(jobs),
-            )
-            if len(jobs) == 1:
-                jobs[0].fail(ComputeFailed(f"{type(exc).__name__}: {exc}"))
-                return
-            # One request may have caused it (an input the model cannot take): compute each
-            # request alone, so that only the requests that fail on their own get the error.
-            for job in jobs:
-                if not job.cancelled and not job.future.done():
-                    self._execute([s for s in batch if s.job is job])
+            # Only strings leave this block: the exception's traceback holds the failed
+            # pass's frames (and its activations) until the block ends.
+            kind = devicefaults.classify(exc)
+            if kind == "oom":  # expected under load: no traceback in the log
+                failure = (kind, devicefaults.first_line(exc), "")
+            else:
+                failure = (kind, f"{type(exc).__name__}: {exc}", traceback.format_exc())
+        if failure is not None:
+            self._recover(batch, *failure)
             return
         elapsed = time.perf_counter() - start
         REQUEST_DURATION.labels(self.name, self.method, "compute").observe(elapsed)

@@ -18,6 +18,12 @@ poisoned model crash-looping forever. It wakes at once when a worker dies and
 also every ``watchdog_interval`` seconds, when it samples device memory and looks for a
 batch that has run for longer than ``stall_after`` (a hung device): such a model is
 NOT_SERVING until the batch returns, so a load balancer stops sending it work.
+
+A worker whose device failed for good (a device-side assert, an illegal memory access:
+devicefaults.py) is never restarted — the CUDA context is poisoned for the whole process.
+The watchdog publishes NOT_SERVING, waits until that is visible, and calls ``on_fatal``: the
+server stops through its usual graceful path and the process exits non-zero, so the
+kubelet restarts the container with a fresh context.
 """
 
 from __future__ import annotations
@@ -152,8 +158,16 @@ def health_handler(servicer: health.aio.HealthServicer) -> grpc.GenericRpcHandle
 
 
 class Watchdog:
-    def __init__(self, served: Served, reporter: HealthReporter, interval: float) -> None:
+    def __init__(
+        self,
+        served: Served,
+        reporter: HealthReporter,
+        interval: float,
+        on_fatal: Callable[[str], None] | None = None,
+    ) -> None:
         self.served, self.reporter, self.interval = served, reporter, interval
+        self.on_fatal = on_fatal
+        self.fatal: str = ""  # the first device failure, once reported
         self._wake = threading.Event()
         self._deaths: dict[str, list[float]] = {}
         self._stalled: set[str] = set()
@@ -197,6 +211,13 @@ class Watchdog:
                 )
             self._stalled = stalled
             self.reporter.refresh()
+        lost = [s.batcher.device_lost for s in served.values() if s.batcher.device_lost]
+        if lost and not self.fatal:
+            self.fatal = lost[0]
+            log.critical("%s; stopping the daemon", self.fatal)
+            self._publish_and_wait()  # NOT_SERVING is visible before the process goes
+            if self.on_fatal is not None:
+                self.on_fatal(self.fatal)
         for name, s in served.items():
             if not s.batcher.dead():
                 continue

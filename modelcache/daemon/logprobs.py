@@ -19,6 +19,7 @@ custom head), runs the full forward instead — row chunks, statistics still ove
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -37,6 +38,7 @@ from modelcache.daemon.logstats import (
     unpack,
 )
 
+log = logging.getLogger(__name__)
 #: Logits per head slice (64 MiB of float32 on a CPU; the statistics hold about three
 #: tensors of that size at once). A GPU wants bigger matmuls and has the memory for them.
 SLICE_ELEMENTS = {"cpu": 1 << 24, "cuda": 1 << 26}
@@ -98,7 +100,15 @@ class LogProbEngine:
         self.slice_elements = SLICE_ELEMENTS.get(device.type, SLICE_ELEMENTS["cpu"])
         self.body: Any = None
         self.head: Head | None = None
-        found = split_head(model)
+        self.why_full = ""
+        self._decided = False
+
+    def decide(self) -> None:
+        """Split or full forward, once, on the worker thread before the first batch (not at
+        construction: the model is READY then, and a probe would delay its first answer)."""
+        if self._decided:
+            return
+        found = split_head(self.model)
         if isinstance(found, str):
             self.why_full = found
         else:
@@ -106,9 +116,17 @@ class LogProbEngine:
             self.why_full = self._probe()
             if self.why_full:
                 self.body = self.head = None
+        if self.why_full:
+            log.warning(
+                "%s: log-probs use the full forward (memory grows with length x vocabulary): %s",
+                type(self.model).__name__,
+                self.why_full,
+            )
+        self._decided = True
 
     @property
     def split(self) -> bool:
+        self.decide()
         return self.head is not None
 
     def _forward_kwargs(self, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, Any]:
@@ -166,6 +184,7 @@ class LogProbEngine:
     def run(self, items: Sequence[LogProbsItem]) -> list[SequenceStats]:
         """One length-sorted batch: the body once, then the head and statistics slice by
         slice into the packed result, fetched with one copy."""
+        self.decide()
         opts = merge_options(items)
         cols, width = layout(opts)
         lengths = [len(i.ids) for i in items]

@@ -25,6 +25,7 @@ batcher, so no response mixes old and new weights.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
@@ -53,6 +54,9 @@ from modelcache.metrics import forget_model
 from modelcache.settings import DaemonSettings
 
 log = logging.getLogger(__name__)
+#: Exit status after a device failure that poisons the CUDA context (health.py): the
+#: process must be replaced, and a non-zero status makes the kubelet restart it.
+EXIT_DEVICE_LOST = 3
 
 
 def _address(host: str, port: int) -> str:
@@ -112,6 +116,8 @@ class DaemonServer:
         self._metrics: ProbeServer | None = None
         self.heartbeat = Heartbeat()
         self._apply_lock = threading.Lock()
+        self.exit_code = 0  # non-zero: the process must exit with it once stopped
+        self.stop_requested = asyncio.Event()  # set by SIGTERM/SIGINT or a lost device
 
     async def start(self) -> int:
         """Bind, start serving and return the port (useful with port 0)."""
@@ -129,7 +135,10 @@ class DaemonServer:
         self.reporter = HealthReporter(
             self.health, self.registry, self.servicer.served, asyncio.get_running_loop()
         )
-        self.watchdog = Watchdog(self.servicer.served, self.reporter, s.watchdog_interval)
+        self._loop = asyncio.get_running_loop()
+        self.watchdog = Watchdog(
+            self.servicer.served, self.reporter, s.watchdog_interval, self._device_lost
+        )
         self.registry.add_listener(self._on_state)
         for entry in self.registry.entries():
             if entry.state is ModelState.READY:
@@ -168,6 +177,13 @@ class DaemonServer:
         self.heartbeat.start()
         log.info("gRPC on %s (%s)", _address(s.host, self.port), "TLS" if creds else "plaintext")
         return self.port
+
+    def _device_lost(self, reason: str) -> None:
+        """Watchdog thread: a device failed for good; stop the way SIGTERM does, then exit
+        with EXIT_DEVICE_LOST (``serve``) so the container is restarted."""
+        self.exit_code = EXIT_DEVICE_LOST
+        with contextlib.suppress(RuntimeError):  # a closed loop: the server is gone already
+            self._loop.call_soon_threadsafe(self.stop_requested.set)
 
     def start_metrics(self) -> int:
         """/metrics, /readyz and /livez on the metrics port (probes.py)."""
@@ -318,7 +334,7 @@ async def _run(server: DaemonServer) -> None:
         )
         watcher.hash = server.config_hash or watcher.hash
         watcher.start()
-    stop = asyncio.Event()
+    stop = server.stop_requested
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -342,7 +358,11 @@ def serve(config: DaemonConfig, settings: DaemonSettings) -> None:
     registry.prepare()
     record_build_info()
     digest = config_hash(settings.config.read_bytes()) if settings.config is not None else ""
+    server = DaemonServer(config, settings, registry, digest)
     try:
-        asyncio.run(_run(DaemonServer(config, settings, registry, digest)))
+        asyncio.run(_run(server))
     finally:
         registry.close()
+    if server.exit_code:
+        log.critical("exiting with status %d so that the daemon is restarted", server.exit_code)
+        raise SystemExit(server.exit_code)

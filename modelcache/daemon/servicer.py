@@ -14,8 +14,11 @@ Status codes, the contract clients code against:
   UNAVAILABLE, and a failed model stays failed until someone fixes its files or config, so
   retrying would only add load. The message carries the reason.
 - ``UNAVAILABLE``: the model is still pending or loading (retrying is right), or the
-  server is shutting down.
-- ``RESOURCE_EXHAUSTED``: the model's queue is full (answered at once, nothing queued).
+  server is shutting down, or the model's device failed (a device-side assert, an illegal
+  memory access: the daemon exits to be restarted; retry on another replica).
+- ``RESOURCE_EXHAUSTED``: the model's queue is full (answered at once, nothing queued); or
+  one of the request's sequences does not fit in the device's memory even alone (the
+  message names its token count; batches that merely do not fit are split and retried).
   gRPC itself answers it for messages over ``grpc_max_message_bytes``.
 - ``DEADLINE_EXCEEDED``: the deadline passed while the request was queued.
 - ``INTERNAL``: the forward pass raised, or the worker died mid-batch; the worker serves on.
@@ -68,6 +71,8 @@ _BATCH_CODES: dict[type[b.BatchError], Code] = {
     b.BatcherFailed: Code.FAILED_PRECONDITION,
     b.BatcherStopped: Code.UNAVAILABLE,
     b.DeadlineExpired: Code.DEADLINE_EXCEEDED,
+    b.TooLarge: Code.RESOURCE_EXHAUSTED,
+    b.DeviceLost: Code.UNAVAILABLE,
 }
 _STATES = {
     ModelState.PENDING: pb.ModelStatus.PENDING,
@@ -259,6 +264,8 @@ class ModelCacheServicer:
                 Code.UNAVAILABLE,
                 f"model {name!r} is not ready yet (state {entry.state.value}); retry later",
             )
+        if served.batcher.device_lost:
+            raise ServingError(Code.UNAVAILABLE, served.batcher.device_lost)
         if served.batcher.failure:
             raise ServingError(
                 Code.FAILED_PRECONDITION, f"model {name!r} failed: {served.batcher.failure}"
@@ -400,7 +407,9 @@ class ModelCacheServicer:
             lm, spec = e.loaded, e.spec
             state, error, error_class = _STATES[e.state], e.error, e.error_class
             s = served.get(spec.name)
-            if s is not None and s.batcher.failure:
+            if s is not None and s.batcher.device_lost:
+                state, error, error_class = pb.ModelStatus.FAILED, s.batcher.device_lost, "device"
+            elif s is not None and s.batcher.failure:
                 state, error, error_class = pb.ModelStatus.FAILED, s.batcher.failure, "worker"
             models.append(
                 pb.ModelStatus(
