@@ -18,7 +18,7 @@ def test_minimal_config_gets_documented_defaults(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path, text))
     m = cfg.models[0]
     assert (m.dtype, m.device, m.pooling, m.normalize, m.max_length) == (
-        "float32",
+        "auto",
         "cpu",
         "mean",
         True,

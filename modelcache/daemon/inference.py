@@ -41,6 +41,7 @@ __all__ = [
     "SequenceStats",
     "pad_batch",
     "pool",
+    "set_tf32",
     "split_by_length",
     "token_statistics",
 ]
@@ -52,6 +53,13 @@ CPU_FORWARD_OVERHEAD_TOKENS = 32
 MAX_SPLIT_CANDIDATES = 32
 #: Models whose position ids start after the padding index (fairseq heritage).
 _OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert", "longformer", "mpnet"}
+
+
+def set_tf32(enabled: bool) -> None:
+    """The daemon config's ``tf32`` switch (process-wide): float32 matmuls and cuDNN
+    convolutions may use TF32 tensor cores. Set at start and on every config reload."""
+    torch.set_float32_matmul_precision("high" if enabled else "highest")
+    torch.backends.cudnn.allow_tf32 = enabled
 
 
 class InputError(ValueError):

@@ -24,7 +24,7 @@ from transformers import (
     AutoTokenizer,
 )
 
-from modelcache.config import DaemonConfig, ModelSpec
+from modelcache.config import DaemonConfig, ModelSpec, resolve_dtype
 from modelcache.daemon import quantization
 from modelcache.daemon.errors import ModelLoadError
 from modelcache.daemon.weights import Shard, find_shards, read_header
@@ -173,6 +173,7 @@ def prepare_model(spec: ModelSpec, config: DaemonConfig) -> PreparedModel:
     except (ValueError, OSError, KeyError, TypeError) as exc:
         raise _classify(exc, spec, path) from None
     quantization.check_config(path, hf_config)
+    spec = resolve_dtype(spec, getattr(hf_config, "dtype", None))  # "auto" -> concrete
     model_class = _model_class(spec, hf_config, path, native)
     try:
         # The config already resolved (natively where possible): the tokenizer must not

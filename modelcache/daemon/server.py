@@ -43,7 +43,7 @@ from modelcache.config import DaemonConfig
 from modelcache.daemon.batcher import Batcher
 from modelcache.daemon.changes import ConfigChanges
 from modelcache.daemon.health import SERVING, HealthReporter, Watchdog, health_handler
-from modelcache.daemon.inference import ModelCompute
+from modelcache.daemon.inference import ModelCompute, set_tf32
 from modelcache.daemon.live import ConfigWatcher, config_hash
 from modelcache.daemon.loader import record_build_info
 from modelcache.daemon.loadthread import Backoff
@@ -230,6 +230,7 @@ class DaemonServer:
             if changes.log_level:
                 level = config.log_level or self.settings.log_level
                 logging.getLogger().setLevel(level.upper())
+            set_tf32(config.tf32)
             self.config_hash = digest
         self.reporter.refresh()
         return changes
@@ -357,6 +358,7 @@ def serve(config: DaemonConfig, settings: DaemonSettings) -> None:
     registry = ModelRegistry(config, Backoff(settings.retry_initial_s, settings.retry_max_s))
     registry.prepare()
     record_build_info()
+    set_tf32(config.tf32)
     digest = config_hash(settings.config.read_bytes()) if settings.config is not None else ""
     server = DaemonServer(config, settings, registry, digest)
     try:

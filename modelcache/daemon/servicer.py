@@ -419,7 +419,7 @@ class ModelCacheServicer:
                     error_class=error_class,
                     task=spec.task,
                     device=str(lm.device) if lm else spec.device,
-                    dtype=spec.dtype,
+                    dtype=str(lm.dtype).removeprefix("torch.") if lm else spec.dtype,
                     source=spec.source,
                     revision=lm.revision if lm else (spec.revision or ""),
                     fingerprint=lm.fingerprint if lm else "",
