@@ -135,15 +135,19 @@ def remove_weights(path: Path) -> None:
 
 
 def needs_remote_code(path: Path) -> Path:
-    """A checkpoint whose config maps AutoModel to code shipped next to it; the code
-    would end the process if it ever ran."""
+    """A checkpoint of a model_type transformers does not know, whose config maps to code
+    shipped next to it (a natively known model_type loads natively whatever its auto_map
+    says); the code would end the process if it ever ran."""
     cfg = json.loads((path / "config.json").read_text())
+    cfg["model_type"] = "evil_" + cfg["model_type"]
     cfg["auto_map"] = {
+        "AutoConfig": "configuration_evil.EvilConfig",
         "AutoModel": "modeling_evil.EvilModel",
         "AutoModelForCausalLM": "modeling_evil.EvilModel",
     }
     (path / "config.json").write_text(json.dumps(cfg))
-    (path / "modeling_evil.py").write_text("import os\nos._exit(97)\n")
+    for name in ("configuration_evil.py", "modeling_evil.py"):
+        (path / name).write_text("import os\nos._exit(97)\n")
     return path
 
 
