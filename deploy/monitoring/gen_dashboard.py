@@ -251,6 +251,17 @@ def panels() -> list[Json]:
         "modelcache_tokens_total: input tokens processed (unpadded), by model and method.",
         [target(f"sum by (model, method) (rate(modelcache_tokens_total{{{MSEL}}}[{RATE}]))",
                 "{{model}} {{method}}")], "none", stack=True), 8, 8)
+    g.add(timeseries(
+        "Out of memory and device failures",
+        "modelcache_batch_oom_total per second: batches split after a device out-of-memory "
+        "(split) and sequences that did not fit alone (too_large, answered "
+        "RESOURCE_EXHAUSTED); lower batching.max_batch_tokens if splits persist. "
+        "modelcache_device_failures_total: context-poisoning device errors, after which the "
+        "daemon exits and the kubelet restarts it (alert ModelCacheDeviceLost).",
+        [target(f"sum by (model, outcome) (rate(modelcache_batch_oom_total{{{MSEL}}}[{RATE}]))",
+                "{{model}} oom {{outcome}}"),
+         target(f"sum by (model) (rate(modelcache_device_failures_total{{{MSEL}}}[{RATE}]))",
+                "{{model}} device lost")], "ops", stack=True), 24, 8)
 
     g.row("Versions and operator")
     g.add(table(
