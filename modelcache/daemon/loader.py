@@ -20,10 +20,17 @@ import torch
 import transformers
 
 from modelcache.config import ModelSpec
-from modelcache.daemon import globalstate, keys, verify, wire
+from modelcache.daemon import globalstate, hostmem, keys, streaming, verify, wire
 from modelcache.daemon.conversion import plan_conversion
 from modelcache.daemon.errors import ModelLoadError
-from modelcache.daemon.materialize import assign_weights, construct, param_dtypes
+from modelcache.daemon.materialize import (
+    assign_weights,
+    construct,
+    construct_on,
+    destinations,
+    finish,
+    param_dtypes,
+)
 from modelcache.daemon.resolve import PreparedModel, prepare_model
 from modelcache.daemon.reverse import live_views
 from modelcache.daemon.weights import read_shard
@@ -33,6 +40,7 @@ from modelcache.metrics import (
     MODEL_LOAD_SECONDS,
     MODEL_LOADS,
 )
+from modelcache.settings import DaemonSettings
 
 __all__ = [
     "LoadedModel",
@@ -128,28 +136,70 @@ def _check_globals(name: str) -> None:
         )
 
 
+def streams(device: torch.device) -> bool:
+    """Whether this load goes through the streaming ring (MODELCACHE_STREAMING_LOAD; by
+    default on CUDA only: on the CPU whole-shard reads with zero-copy views are faster)."""
+    forced = DaemonSettings.model_validate({}).streaming_load
+    return device.type == "cuda" if forced is None else forced
+
+
+def _read_whole(
+    prepared: PreparedModel, model: Any, plan: Any, device: torch.device, dtype: torch.dtype
+) -> float:
+    """Every shard into owned memory, then tensors assigned (views where they can be)."""
+    clock = time.perf_counter()
+    ckpt: dict[str, torch.Tensor] = {}
+    for shard in prepared.shards:
+        ckpt.update(read_shard(shard))
+    read = time.perf_counter() - clock
+    assign_weights(model, prepared, plan, ckpt, device, dtype)
+    return read
+
+
+def _check_whole_read(prepared: PreparedModel, device: torch.device, dtype: torch.dtype) -> None:
+    """The whole checkpoint is held in host memory at once; on the CPU, tensors cast to
+    another dtype are copies on top of it."""
+    needed = sum(s.size for s in prepared.shards)
+    casts = any(
+        t.dtype.is_floating_point and t.dtype != dtype for s in prepared.shards for t in s.tensors
+    )
+    if device.type == "cpu" and casts:
+        needed += streaming.model_bytes(prepared.shards, dtype)
+    hostmem.require_host(needed, "reading the checkpoint")
+
+
 def _load(prepared: PreparedModel, stages: dict[str, float]) -> LoadedModel:
     spec = prepared.spec
     device, dtype = _device(spec), DTYPES[spec.dtype]
     clock = time.perf_counter()
 
     # Plan from the headers before reading a byte: a checkpoint that cannot be loaded
-    # faithfully (quantized, keys with no place) fails before its weights are read.
+    # faithfully (quantized, keys with no place) fails before its weights are read, and one
+    # that does not fit fails before anything is allocated.
     infos = {t.name: t for shard in prepared.shards for t in shard.tensors}
     files = {t.name: (t, shard.path) for shard in prepared.shards for t in shard.tensors}
-    model = construct(prepared)
-    plan = plan_conversion(model, {k: t.shape for k, t in infos.items()})
+    shapes = {k: t.shape for k, t in infos.items()}
+    streamed = streams(device)
+    if streamed:
+        streaming.check_memory(prepared.shards, device, dtype)
+        model = construct_on(prepared, device, dtype)
+    else:
+        _check_whole_read(prepared, device, dtype)
+        model = construct(prepared)
+    plan = plan_conversion(model, shapes)
     keys.check_plan(model, prepared, plan, infos)
     # Building and planning is materialize time (the stage names are a metric's labels).
     planned, clock = time.perf_counter() - clock, time.perf_counter()
 
-    ckpt: dict[str, torch.Tensor] = {}
-    for shard in prepared.shards:
-        ckpt.update(read_shard(shard))
-    stages["read"], clock = time.perf_counter() - clock, time.perf_counter()
-
-    assign_weights(model, prepared, plan, ckpt, device, dtype)
-    del ckpt
+    if streamed:
+        # Reads and copies overlap: the whole stream counts as read.
+        streaming.stream_into(
+            prepared.shards, plan, destinations(model, plan, dtype, device), device
+        )
+        stages["read"], clock = time.perf_counter() - clock, time.perf_counter()
+        finish(model, prepared, plan, dict(shapes), device, dtype)
+    else:
+        stages["read"] = _read_whole(prepared, model, plan, device, dtype)
     model.eval()
     model.requires_grad_(False)
     if device.type == "cuda":

@@ -49,6 +49,49 @@ def construct(prepared: PreparedModel) -> Any:
         )
 
 
+@contextmanager
+def _parameters_on(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
+    """While a model is built, every parameter a module registers is replaced by fresh,
+    uninitialised storage on ``device`` (floating ones in ``dtype``) before it is kept.
+
+    Why: building on the target device under a ``dtype`` default changes how the model's
+    own code computes its buffers (measured: GPT-J's sinusoidal table differs in float32
+    after a bfloat16 build, Gemma's ``embed_scale`` becomes bfloat16), and building in
+    float32 allocates 4 bytes per parameter. Here buffers are computed on the CPU in
+    float32 exactly as ``construct`` computes them, while each float32 parameter exists
+    only for the instant between its creation (untouched pages: address space, no memory)
+    and its registration. Runs under LOAD_LOCK; the class attribute is restored on exit
+    and globalstate checks it around every load."""
+    original = torch.nn.Module.register_parameter
+
+    def register(module: torch.nn.Module, name: str, param: Any) -> None:
+        want = dtype if param is not None and param.is_floating_point() else None
+        if param is not None and (param.device != device or (want and param.dtype != want)):
+            fresh = torch.empty(param.shape, dtype=want or param.dtype, device=device)
+            param = torch.nn.Parameter(fresh, requires_grad=param.requires_grad)
+        original(module, name, param)
+
+    torch.nn.Module.register_parameter = register  # type: ignore[method-assign,assignment]
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+def construct_on(prepared: PreparedModel, device: torch.device, dtype: torch.dtype) -> Any:
+    """The model with its parameters allocated once, uninitialised, on ``device`` in
+    ``dtype``; buffers as ``construct`` computes them (moved by ``finish``). Never meta."""
+    with (
+        torch.device("cpu"),
+        _default_dtype(torch.float32),
+        hf_init.no_init_weights(),
+        _parameters_on(device, dtype),
+    ):
+        return prepared.model_class._from_config(  # type: ignore[attr-defined]
+            prepared.config, dtype=torch.float32
+        )
+
+
 def param_dtypes(model: Any, dtype: torch.dtype) -> dict[str, torch.dtype]:
     """Target dtype of every floating parameter/persistent buffer, honouring the model's
     ``_keep_in_fp32_modules`` (fp16 only) and ``_keep_in_fp32_modules_strict`` (fp16/bf16),
@@ -136,10 +179,48 @@ def assign_weights(
     shapes = {k: tuple(t.shape) for k, t in ckpt.items()}
     model.load_state_dict(new_state, strict=False, assign=True)
     del new_state
+    finish(model, prepared, plan, shapes, device, dtype)
+
+
+def finish(
+    model: Any,
+    prepared: PreparedModel,
+    plan: Plan,
+    shapes: dict[str, tuple[int, ...]],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> None:
+    """After the checkpoint's tensors are in place (either path): the rest to the device,
+    ties, and a failure for any model key that came from nowhere."""
     _place_the_rest(model, set(plan.targets), param_dtypes(model, dtype), device)
     model.tie_weights()
     keys.resolve_missing(model, prepared, plan, shapes)
     _set_config_dtype(model.config, dtype)
+
+
+def destinations(
+    model: Any, plan: Plan, dtype: torch.dtype, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """Model key -> the tensor the streaming fill writes into, in place: the parameter or
+    buffer itself where it already has its place and dtype, else fresh storage put in its
+    place (``_keep_in_fp32_modules``, persistent buffers still on the CPU)."""
+    targets = param_dtypes(model, dtype)
+    state = model.state_dict(keep_vars=True)
+    out: dict[str, torch.Tensor] = {}
+    for mkey in plan.targets:
+        t = state[mkey]
+        want = targets.get(mkey, t.dtype)
+        if t.device != device or t.dtype != want or not t.is_contiguous():
+            owner, _, leaf = mkey.rpartition(".")
+            module = model.get_submodule(owner)
+            fresh = torch.empty(t.shape, dtype=want, device=device)
+            if leaf in module._parameters:
+                t = torch.nn.Parameter(fresh, requires_grad=t.requires_grad)
+                module._parameters[leaf] = t
+            else:
+                module._buffers[leaf] = t = fresh
+        out[mkey] = t.detach()
+    return out
 
 
 def _place_the_rest(

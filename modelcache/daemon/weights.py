@@ -171,24 +171,41 @@ def read_threads() -> int:
     return configured or max(1, min(8, len(os.sched_getaffinity(0))))
 
 
-def _read_span(fd: int, view: memoryview, start: int, end: int) -> int:
+def _read_span(fd: int, view: memoryview, start: int, end: int, base: int = 0) -> int:
+    """Read file bytes [start, end) into ``view[start - base : end - base]``."""
     got = start
     while got < end:
-        n = os.preadv(fd, [view[got:end]], got)
+        n = os.preadv(fd, [view[got - base : end - base]], got)
         if not n:  # end of file: the caller sees the short count
             break
         got += n
     return got - start
 
 
-def _read_spans(fd: int, view: memoryview, spans: list[tuple[int, int]], workers: int) -> int:
+def spans(start: int, end: int) -> list[tuple[int, int]]:
+    return [(a, min(a + READ_SPAN_BYTES, end)) for a in range(start, end, READ_SPAN_BYTES)]
+
+
+def read_range(
+    fd: int, view: memoryview, start: int, end: int, pool: ThreadPoolExecutor | None
+) -> int:
+    """File bytes [start, end) into ``view`` (which starts at file offset ``start``), in
+    parallel spans on ``pool`` (sequential without one); returns the bytes read. The
+    streaming loader keeps one pool for a whole load instead of one per shard."""
+    parts = spans(start, end)
+    if pool is None or len(parts) == 1:
+        return sum(_read_span(fd, view, a, b, start) for a, b in parts)
+    return sum(pool.map(lambda span: _read_span(fd, view, span[0], span[1], start), parts))
+
+
+def _read_spans(fd: int, view: memoryview, parts: list[tuple[int, int]], workers: int) -> int:
     if workers > 1:
         try:
             with ThreadPoolExecutor(workers, thread_name_prefix="modelcache-read") as pool:
-                return sum(pool.map(lambda span: _read_span(fd, view, *span), spans))
+                return sum(pool.map(lambda span: _read_span(fd, view, *span), parts))
         except RuntimeError as exc:  # "can't start new thread": a pids limit, say
             log.warning("parallel read unavailable (%s): reading sequentially", exc)
-    return sum(_read_span(fd, view, a, b) for a, b in spans)
+    return sum(_read_span(fd, view, a, b) for a, b in parts)
 
 
 def read_shard(shard: Shard, threads: int | None = None) -> dict[str, torch.Tensor]:
@@ -200,15 +217,12 @@ def read_shard(shard: Shard, threads: int | None = None) -> dict[str, torch.Tens
     """
     buf = torch.empty(shard.size, dtype=torch.uint8)
     view = buf.numpy().data.cast("B")
-    spans = [
-        (start, min(start + READ_SPAN_BYTES, shard.size))
-        for start in range(0, shard.size, READ_SPAN_BYTES)
-    ]
-    workers = min(threads or read_threads(), len(spans))
+    parts = spans(0, shard.size)
+    workers = min(threads or read_threads(), len(parts))
     try:
         fd = os.open(shard.path, os.O_RDONLY)
         try:
-            got = _read_spans(fd, view, spans, workers)
+            got = _read_spans(fd, view, parts, workers)
         finally:
             os.close(fd)
     except OSError as exc:
