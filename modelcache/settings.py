@@ -36,11 +36,12 @@ class DaemonSettings(BaseSettings):
     # Threads reading a checkpoint shard in parallel spans; 0 = one per usable CPU, at most 8.
     read_threads: int = Field(0, ge=0, le=64)
     # Streaming loads (daemon/streaming.py): shards pass through a ring of load_buffers host
-    # buffers of load_buffer_mib each (pinned on CUDA). None = stream on CUDA, read whole
-    # shards on CPU (faster there, see README); true/false forces one way on every device.
+    # buffers of load_buffer_mib each (pinned on CUDA; unset: 256 MiB on CUDA, 32 on CPU).
+    # streaming_load unset: stream on CUDA, read whole shards on CPU (faster there, see
+    # README); true/false forces one way on every device.
     streaming_load: bool | None = None
     load_buffers: int = Field(3, ge=2, le=8)
-    load_buffer_mib: int = Field(256, ge=1, le=4096)
+    load_buffer_mib: int | None = Field(None, ge=1, le=4096)
     # Seconds between looks at the config file (a ConfigMap volume changes by a symlink
     # swap); 0: never re-read it (SIGHUP still does).
     config_poll_s: float = Field(2.0, ge=0)
