@@ -139,6 +139,20 @@ def h2d_ceiling_gbps(device: torch.device, size: int = GIB) -> float | None:
     return 3 * size / (time.perf_counter() - start) / 1e9
 
 
+def copy_ceiling_gbps(device: torch.device, size: int = 256 << 20) -> float:
+    """The bulk-copy ceiling of a load onto ``device``, GB/s: a pinned host→device copy on
+    CUDA (see h2d_ceiling_gbps), a memcpy between two touched host buffers on CPU (what
+    copying a read buffer into parameters costs at best)."""
+    if device.type == "cuda":
+        return h2d_ceiling_gbps(device) or 0.0
+    src, dst = torch.ones(size, dtype=torch.uint8), torch.zeros(size, dtype=torch.uint8)
+    dst.copy_(src)
+    start = time.perf_counter()
+    for _ in range(5):
+        dst.copy_(src)
+    return 5 * size / (time.perf_counter() - start) / 1e9
+
+
 class PeakRss:
     """Host RSS peak of this process over a block, above its RSS at the start (VmHWM is
     reset through /proc/self/clear_refs)."""
