@@ -15,7 +15,11 @@ runs), in ``--rounds`` interleaved rounds; the table gives medians.
 Wire bytes per token are measured on real responses: the server never sends [T, V]
 logits, only per-position values (4 bytes each, top-k 8 bytes per alternative).
 
-    .venv/bin/python bench/bench_logprobs.py [--sequences 32] [--clients 4]
+    .venv/bin/python bench/bench_logprobs.py [--sequences 32] [--clients 4] [--device cuda]
+
+On CUDA both sides are float32 and the in-process baseline synchronises the device around
+its clock (the server's responses are host bytes, so a served request is complete when it
+returns).
 """
 
 from __future__ import annotations
@@ -76,12 +80,21 @@ def make_requests(n_seq: int, per_request: int) -> list[list[list[int]]]:
     return [seqs[i : i + per_request] for i in range(0, n_seq, per_request)]
 
 
-def baseline(model: Any, requests: list[list[list[int]]]) -> float:
+def _sync(device: str) -> None:
+    """Kernels on CUDA are asynchronous: a clock read without a sync times the launches."""
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def baseline(model: Any, requests: list[list[list[int]]], device: str = "cpu") -> float:
     import torch
 
     tokens = 0
     with torch.inference_mode():
-        model(input_ids=torch.tensor([requests[0][0][:8]]))  # warm-up
+        model(input_ids=torch.tensor([requests[0][0][:8]], device=device))  # warm-up
+        _sync(device)
         start = time.perf_counter()
         for req in requests:
             width = max(map(len, req))
@@ -90,11 +103,13 @@ def baseline(model: Any, requests: list[list[list[int]]]) -> float:
             for row, seq in enumerate(req):
                 ids[row, : len(seq)] = torch.tensor(seq)
                 mask[row, : len(seq)] = 1
+            ids, mask = ids.to(device), mask.to(device)
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
             lp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-            observed = lp.gather(-1, ids[:, 1:, None])[..., 0]
+            observed = lp.gather(-1, ids[:, 1:, None])[..., 0].cpu()
             _ = [observed[row, : len(seq) - 1].numpy().tobytes() for row, seq in enumerate(req)]
             tokens += sum(map(len, req))
+        _sync(device)
         return tokens / (time.perf_counter() - start)
 
 
@@ -153,6 +168,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--quiet-threshold", type=float, default=0.3)
     ap.add_argument("--quiet-wait", type=float, default=120.0)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (daemon and baseline)")
     args = ap.parse_args()
 
     import torch
@@ -168,9 +184,11 @@ def main() -> int:
         print(
             f"model: GPT-2-small shape (124M params, vocab 50257), random init; "
             f"{len(requests)} requests x {args.per_request} sequences, {n_tokens} tokens; "
-            f"torch threads={torch.get_num_threads()} cores={os.cpu_count()}"
+            f"torch threads={torch.get_num_threads()} cores={os.cpu_count()} "
+            f"device={args.device} (float32)"
         )
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir))
+        model = model.to(args.device).eval()
         config = {
             "models": [
                 {
@@ -178,6 +196,8 @@ def main() -> int:
                     "source": str(model_dir),
                     "task": "causal-lm",
                     "max_length": 1024,
+                    "device": args.device,
+                    "dtype": "float32",
                 }
             ]
         }
@@ -187,7 +207,7 @@ def main() -> int:
             # background load hits them alike; the table shows medians over rounds.
             for _ in range(args.rounds):
                 quiet([daemon.pid], args.quiet_threshold, args.quiet_wait)
-                bases.append(baseline(model, requests))
+                bases.append(baseline(model, requests, args.device))
                 for stats in (False, True):
                     quiet([daemon.pid], args.quiet_threshold, args.quiet_wait)
                     cpu = MachineCpu(daemon.pid)
