@@ -171,8 +171,19 @@ node_ready() {
     -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null) == True ]]
 }
 
+# node_ready_since EPOCH: Ready, as posted by a kubelet at or after EPOCH. After a crash the
+# Node object still says Ready from the dead kubelet, and a new kubelet first posts NotReady
+# (runtime and PLEG not checked yet): a plain node_ready would pass on the stale condition.
+node_ready_since() {
+  local st beat
+  read -r st beat < <(kubectl get node "$NODE_NAME" -o jsonpath=\
+'{.status.conditions[?(@.type=="Ready")].status} {.status.conditions[?(@.type=="Ready")].lastHeartbeatTime}' \
+    2>/dev/null || true)
+  [[ $st == True && -n $beat ]] && (($(date -d "$beat" +%s) >= $1))
+}
+
 cmd_up() {
-  local b d s start=$SECONDS
+  local b d s start=$SECONDS kubelet_started
   as_root true
   for b in kubelet kube-scheduler kube-proxy kube-apiserver kubectl; do
     [[ -x $BIN/$b ]] || die "$BIN/$b missing: run 'hack/kube-node.sh build' first"
@@ -203,8 +214,9 @@ cmd_up() {
   sign_client proxy "/CN=system:kube-proxy"
   write_kubeconfig proxy system:kube-proxy
   node_scheduler
+  kubelet_started=$(date +%s)
   node_kubelet
-  wait_until 180 "node $NODE_NAME Ready" kubelet -- node_ready
+  wait_until 180 "node $NODE_NAME Ready" kubelet -- node_ready_since "$kubelet_started"
   node_proxy
   log "up in $((SECONDS - start))s: eval \"\$(hack/kube-node.sh env)\""
 }
