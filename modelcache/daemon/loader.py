@@ -4,6 +4,19 @@
 the process-wide ``LOAD_LOCK``, bracketed by global-state checks (see globalstate). The
 result holds no reference to the checkpoint files: weights live in memory the process
 owns (see weights), so the files can be rewritten or deleted while the model serves.
+
+Two ways to read: whole shards into owned memory, then assign (the CPU default: tensors
+stay zero-copy views of the read buffer), or streaming through a small ring of buffers
+into parameters allocated on the device (the CUDA default; see streaming). Either way the
+memory it will take is checked first (hostmem) and a model that does not fit fails as
+``out_of_memory`` before anything is allocated.
+
+Loads on different devices do not overlap. Building a model (transformers' patches of
+torch.nn.init and friends, our ``register_parameter`` hook) must not overlap another load,
+because globalstate's check before and after each load would undo the other's patches
+mid-build; only the stream (reads and copies) could run unlocked, and the registry's single
+loader thread runs one load at a time anyway (see loadthread): a second GPU's load waits
+until the first has streamed, verified and warmed up.
 """
 
 from __future__ import annotations

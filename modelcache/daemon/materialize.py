@@ -9,6 +9,11 @@ device. Checkpoint tensors are then converted straight to the target device and 
 and *assigned* (zero-copy on CPU when dtypes match), so the device never holds a second
 copy of the model. Buffers follow to the device keeping their dtype.
 
+A streaming load (streaming.py) builds with ``construct_on`` instead: each parameter is
+allocated once, on the target device in its target dtype, as the module registers it, and
+``destinations`` hands the streaming fill the tensors to write into in place; both paths
+end with ``finish`` (buffers to the device, ties, missing keys).
+
 Where each checkpoint tensor goes is planned beforehand (conversion: transformers' renames
 and fusions, checked in keys); every model key must come from the checkpoint, a tie the
 config declares, or an ``allow_missing`` pattern; anything else fails the load, naming the
@@ -227,13 +232,14 @@ def _place_the_rest(
     model: Any, loaded: set[str], targets: dict[str, torch.dtype], device: torch.device
 ) -> None:
     """Tensors not from the checkpoint: buffers move to the device keeping their dtype;
-    parameters get fresh storage on the device (initialised later if allowed missing)."""
+    parameters get fresh storage on the device in their target dtype (initialised later
+    if allowed missing) unless they already have it (built there by ``construct_on``)."""
     for module in model.modules():
         for name, buf in list(module._buffers.items()):
             if buf is not None and buf.device != device:
                 module._buffers[name] = buf.to(device)
     for key, p in model.named_parameters(remove_duplicate=False):
-        if key in loaded or p.device == device:
+        if key in loaded or (p.device == device and p.dtype == targets.get(key, p.dtype)):
             continue
         owner, _, leaf = key.rpartition(".")
         module = model.get_submodule(owner)
