@@ -179,9 +179,11 @@ def test_a_tick_that_ends_after_the_delete_does_not_bring_the_series_back() -> N
     handlers.refresh(body=deleting, patch=kopf.Patch(), memo=memo)
     assert _ready("gone") is None
     # No finalizer: a tick that began before the deletion holds a body without a
-    # deletionTimestamp, and still must not bring the series back.
+    # deletionTimestamp, and still must not bring the series back, nor touch the children.
+    calls = len(memo.reconciler.calls)
     handlers.refresh(body=_body("gone", {"observedGeneration": 2}), patch=kopf.Patch(), memo=memo)
     assert _ready("gone") is None
+    assert len(memo.reconciler.calls) == calls
     # The decision is taken under the gauges' lock, from the live body.
     handlers._publish_phase("t-handlers", "gone", "Ready", deleting)
     assert _ready("gone") is None
@@ -234,5 +236,13 @@ def test_no_handler_puts_a_finalizer_on_modelcaches() -> None:
     registry = kopf.get_default_registry()
     timers = [h for h in registry._spawning.get_all_handlers() if h.fn is handlers.refresh]
     assert len(timers) == 1 and timers[0].requires_finalizer is False
+    # What stops the timer instead: its filter, re-evaluated by kopf on the DELETED event
+    # after the `deleted` handler recorded the uid.
+    when = timers[0].when
+    assert when is not None and when(uid="uid-not-deleted-yet") is True
+    handlers.deleted(
+        type="DELETED", name="x", namespace="t", uid="uid-deleted", logger=logging.getLogger("t")
+    )
+    assert when(uid="uid-deleted") is False
     assert not any(h.requires_finalizer for h in registry._spawning.get_all_handlers())
     assert not any(h.requires_finalizer for h in registry._changing.get_all_handlers())

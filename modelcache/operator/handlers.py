@@ -215,6 +215,8 @@ def _converge(handler: str, body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo)
 
 
 def _converge_locked(handler: str, body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo) -> None:
+    if not _not_deleted(body.metadata.get("uid")):
+        return  # a tick that started as the object went: never re-create its children
     snap = _snapshot(body, memo)
     apply = True
     if handler == "timer":
@@ -264,7 +266,25 @@ def resumed(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> No
     _converge("resume", body, patch, memo)
 
 
-@kopf.timer(GROUP, VERSION, PLURAL, interval=_STATUS_INTERVAL, initial_delay=_STATUS_INTERVAL)
+def _not_deleted(uid: str | None, **_: Any) -> bool:
+    """The timer's filter. Without a finalizer a ModelCache is gone at once: no event ever
+    shows it with a deletionTimestamp, which is what kopf stops timers on, so its timer
+    would tick on the last body for ever and re-create the children the garbage collector
+    removes (seen on the node: Deployments re-created every few seconds, pods never gone).
+    kopf re-evaluates daemon filters on every event, the DELETED one included, after the
+    ``deleted`` handler below has recorded the uid: the timer stops there."""
+    with _phases_lock:
+        return (uid or "") not in _deleted
+
+
+@kopf.timer(
+    GROUP,
+    VERSION,
+    PLURAL,
+    interval=_STATUS_INTERVAL,
+    initial_delay=_STATUS_INTERVAL,
+    when=_not_deleted,
+)
 def refresh(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
     """Status from reality (and the children re-applied once the handlers are done)."""
     _converge("timer", body, patch, memo)
@@ -274,9 +294,10 @@ def _no_finalizer_for_the_timer(registry: Any) -> None:
     """No finalizer on ModelCaches: children go by owner references (garbage collection) and
     nothing else needs the operator at deletion, so a ModelCache (or its namespace) must be
     deletable when no operator runs — after ``helm uninstall``, say. kopf makes a finalizer
-    mandatory for any timer (to stop it before the object goes, kopf issue #1074), though it
-    stops a timer when the object is deleted anyway; this registry holds ours without the
-    requirement (kopf pinned: 1.45.2; tests/test_operator_handlers.py checks it)."""
+    mandatory for any timer (to stop it before the object goes, kopf issue #1074); ours is
+    stopped by its ``when`` filter once the DELETED event is seen (``_not_deleted``), and
+    this registry holds it without the requirement (kopf pinned: 1.45.2;
+    tests/test_operator_handlers.py checks it)."""
     spawning = registry._spawning
     spawning._handlers = [
         dataclasses.replace(h, requires_finalizer=False) if getattr(h, "fn", None) is refresh else h

@@ -96,7 +96,7 @@ def test_schema_rejects_bad_specs_server_side(
     )
     assert made["spec"]["replicas"] == 1 and made["spec"]["ports"]["grpc"] == 50051
     assert made["spec"]["storage"] == {"emptyDir": {}, "mountPath": "/models"}
-    assert made["spec"]["models"][0]["dtype"] == "float32"
+    assert made["spec"]["models"][0]["dtype"] == "auto"
     assert made["spec"]["batching"]["max_batch_size"] == 64
     example = (REPO_ROOT / "examples" / "modelcache-minilm.yaml").read_text()
     kubectl(kube_env, "apply", "--dry-run=server", "-n", ns, "-f", "-", stdin=example)
@@ -307,6 +307,13 @@ def test_end_to_end(
         lambda: not any(children(admin, ns, "cache").values()),
         timeout=90,
     )
+    # ... and stay gone: no status tick outlives the ModelCache (with no finalizer kopf never
+    # sees a deletionTimestamp, and a timer left running re-created them every tick).
+    quiet_until = time.monotonic() + 5  # five status intervals of the test operator
+    while time.monotonic() < quiet_until:
+        back = {k: v for k, v in children(admin, ns, "cache").items() if v}
+        assert not back, f"children re-created after the delete: {back}"
+        time.sleep(0.2)
     # The per-resource readiness series goes with the resource.
     wait_for(
         "the readiness series to go",
