@@ -303,7 +303,7 @@ class ModelCacheServicer:
         served = self._ready(entry, len(req.inputs))
         compute = served.compute
         texts, truncate = list(req.inputs), req.truncate
-        normalize = req.normalize if req.HasField("normalize") else entry.spec.normalize
+        normalize = req.normalize if req.HasField("normalize") else compute.recipe.normalize
 
         def prepare() -> list[EmbedItem]:
             return [EmbedItem(s, normalize) for s in compute.tokenize(texts, truncate)]
