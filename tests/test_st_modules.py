@@ -9,6 +9,7 @@ writes its own files, so the parsing is tested against the real layout).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -374,3 +375,34 @@ def test_an_unknown_module_fails_the_load(checkpoints: dict[str, Path], tmp_path
     (path / "modules.json").write_text(json.dumps(modules))
     with pytest.raises(ModelLoadError, match=r"module 2 \(LayerNorm\) .* is not supported"):
         _prepare(path)
+
+
+# -- ListModels never fails because of one model ------------------------------------
+def test_list_models_reports_a_bad_value_in_that_models_entry(
+    served: RunningDaemon, client: ModelCacheClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A load_failures count past uint32 fails protobuf at construction, a lone surrogate
+    (an undecodable file name in an error) only when gRPC serializes the response: each
+    must cost that model's entry, not ListModels for every model."""
+    registry = served.registry
+    real = registry.entries
+
+    def entries() -> list[Any]:
+        out = []
+        for e in real():
+            if e.spec.name == "bge":
+                e = dataclasses.replace(e, failures=-1)
+            elif e.spec.name == "max":
+                e = dataclasses.replace(e, error="cannot read /models/\udcff/config.json")
+            out.append(e)
+        return out
+
+    monkeypatch.setattr(registry, "entries", entries)
+    info = {m.name: m for m in client.list_models().models}
+    assert set(info) == {"bge", "e5", "qwen3", "max", "wmean-dense", "gemma", "minilm"}
+    for name in ("bge", "max"):
+        assert info[name].error_class == "status", info[name]
+        assert "this model's status cannot be reported" in info[name].error
+        assert info[name].state == "ready" and info[name].task == "embedding"
+    assert "\\udcff" in info["max"].error
+    assert info["e5"].error_class == "" and info["e5"].fingerprint

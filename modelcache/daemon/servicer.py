@@ -426,7 +426,26 @@ class ModelCacheServicer:
         )
 
     def _status(self, e: ModelEntry, s: ServedModel | None) -> pb.ModelStatus:
-        return _model_status(e, s)
+        """One model's entry, built defensively: a value protobuf refuses (out of range,
+        a string that is not UTF-8) is reported in that model's entry instead of failing
+        ListModels for every model, and with it the operator's status probe. Serialized
+        here once, because gRPC serializes only after the handler returned."""
+        try:
+            status = _model_status(e, s)
+            status.SerializeToString()
+            return status
+        except Exception as exc:
+            log.warning(
+                "ListModels: the status of model %s cannot be reported: %r", e.spec.name, exc
+            )
+            why = f"{type(exc).__name__}: {exc}".encode("utf-8", "backslashreplace").decode()
+            return pb.ModelStatus(
+                name=e.spec.name,
+                state=_STATES[e.state],
+                task=e.spec.task,
+                error=clip(f"this model's status cannot be reported: {why}"),
+                error_class="status",
+            )
 
 
 def _model_status(e: ModelEntry, s: ServedModel | None) -> pb.ModelStatus:
