@@ -31,6 +31,8 @@ from sentence_transformers.sentence_transformer.modules import (
 from modelcache.client import ModelCacheClient, ModelCacheError
 from modelcache.config import parse_config
 from modelcache.daemon.errors import ModelLoadError
+from modelcache.daemon.inference import EmbedItem, ModelCompute
+from modelcache.daemon.loader import load_model
 from modelcache.daemon.registry import ModelRegistry, ModelState
 from modelcache.daemon.resolve import prepare_model
 from modelcache.examples import bundled_minilm
@@ -406,3 +408,28 @@ def test_list_models_reports_a_bad_value_in_that_models_entry(
         assert info[name].state == "ready" and info[name].task == "embedding"
     assert "\\udcff" in info["max"].error
     assert info["e5"].error_class == "" and info["e5"].fingerprint
+
+
+def test_do_lower_case_lowercases_as_sentence_transformers_does(
+    checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    """A legacy sentence_bert_config.json with do_lower_case over a cased tokenizer: the
+    text is lowercased before tokenizing, as sentence-transformers does on load."""
+    path = _edit(checkpoints["bge"], tmp_path / "m", "sentence_bert_config.json", {})
+    tok = json.loads((path / "tokenizer.json").read_text())
+    tok["normalizer"]["lowercase"] = False
+    (path / "tokenizer.json").write_text(json.dumps(tok))
+    cfg = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps({**cfg, "do_lower_case": False}))
+    texts = ["HELLO World", "Serving Embeddings EXACTLY"]
+    cased = ModelCompute(load_model(_prepare(path))).tokenize(texts, True)
+    st_cfg = json.loads((path / "sentence_bert_config.json").read_text())
+    st_cfg["do_lower_case"] = True
+    (path / "sentence_bert_config.json").write_text(json.dumps(st_cfg))
+    compute = ModelCompute(load_model(_prepare(path)))
+    ids = compute.tokenize(texts, True)
+    assert ids == compute.tokenize([t.lower() for t in texts], True) and ids != cased
+    with torch.inference_mode():
+        got = compute.embed([EmbedItem(s, compute.recipe.normalize) for s in ids])
+    want = _reference(path, texts)
+    assert _cos(got, want).min() >= 0.9999
