@@ -21,7 +21,7 @@ Task = Literal["embedding", "causal-lm"]
 #: fraction of the speed — and float32 on a CPU, where half-precision matmuls are slow.
 DType = Literal["auto", "float32", "float16", "bfloat16"]
 _CONCRETE = ("float32", "float16", "bfloat16")
-Pooling = Literal["mean", "cls", "last"]
+Pooling = Literal["mean", "cls", "last", "max", "weightedmean"]
 
 MODEL_NAME_PATTERN = r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$"
 REVISION_PATTERN = r"^[0-9a-f]{40}$"
@@ -49,7 +49,21 @@ class BatchingConfig(_Strict):
 
 
 class ModelSpec(_Strict):
-    """One model the daemon holds. ``name`` is what clients ask for."""
+    """One model the daemon holds. ``name`` is what clients ask for.
+
+    Embeddings are served as the checkpoint was trained: when its directory has
+    sentence-transformers modules (modules.json with Pooling, Dense, Normalize;
+    config_sentence_transformers.json with named prompts), they decide the pooling, the
+    Dense projections, the normalization and the prompts (see daemon.stmodules), because a
+    CLS-trained model pooled by mean serves plausible, wrong vectors.
+
+    - ``pooling`` (mean, cls, last, max, weightedmean) and ``normalize``: unset (null) means
+      the checkpoint's modules, or mean and true for a checkpoint without them. A value that
+      contradicts the modules fails the model's load naming both, unless
+      ``override_sentence_transformers`` is true: then the YAML's value is served, on purpose
+      (the Dense projections and prompts still come from the checkpoint).
+    - ``max_length`` is capped by the modules' max_seq_length, as the tokenizer's is.
+    """
 
     name: Annotated[str, Field(pattern=MODEL_NAME_PATTERN)]
     source: Annotated[str, Field(min_length=1)]
@@ -57,8 +71,9 @@ class ModelSpec(_Strict):
     task: Task
     dtype: DType = "auto"
     device: Annotated[str, Field(pattern=DEVICE_PATTERN)] = "cpu"
-    pooling: Pooling = "mean"
-    normalize: bool = True
+    pooling: Pooling | None = None
+    normalize: bool | None = None
+    override_sentence_transformers: bool = False
     max_length: Annotated[int, Field(ge=1, le=1_048_576)] = 512
     allow_missing: tuple[str, ...] = ()
     allow_unexpected: tuple[str, ...] = ()

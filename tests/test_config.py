@@ -17,14 +17,17 @@ def test_minimal_config_gets_documented_defaults(tmp_path: Path) -> None:
     text = "models:\n  - {name: m, source: /models/m, task: embedding}\n"
     cfg = load_config(write(tmp_path, text))
     m = cfg.models[0]
+    # pooling and normalize unset: the checkpoint's sentence-transformers modules decide
+    # (mean and true without them, see test_st_modules).
     assert (m.dtype, m.device, m.pooling, m.normalize, m.max_length) == (
         "auto",
         "cpu",
-        "mean",
-        True,
+        None,
+        None,
         512,
     )
     assert m.allow_missing == () and m.trust_remote_code is False
+    assert m.override_sentence_transformers is False
 
 
 def test_bad_yaml_is_a_clear_error(tmp_path: Path) -> None:
@@ -43,7 +46,7 @@ def test_missing_file_names_the_path(tmp_path: Path) -> None:
         ({"name": "m", "source": "/m", "task": "summarize"}, "models.0.task"),
         ({"name": "m", "source": "/m", "task": "embedding", "dtype": "float64"}, "models.0.dtype"),
         ({"name": "m", "source": "/m", "task": "embedding", "device": "gpu"}, "models.0.device"),
-        ({"name": "m", "source": "/m", "task": "embedding", "pooling": "max"}, "models.0.pooling"),
+        ({"name": "m", "source": "/m", "task": "embedding", "pooling": "sum"}, "models.0.pooling"),
         (
             {"name": "m", "source": "/m", "task": "embedding", "max_length": 0},
             "models.0.max_length",

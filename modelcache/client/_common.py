@@ -171,6 +171,11 @@ class ModelInfo:
     load_seconds: dict[str, float]
     max_length: int
     output_dims: int
+    #: Embedding models: pooling served, default normalization, prompt names.
+    pooling: str = ""
+    normalize: bool = False
+    prompt_names: tuple[str, ...] = ()
+    default_prompt_name: str = ""
 
 
 @dataclass(frozen=True)
@@ -184,10 +189,25 @@ def _texts(inputs: str | Sequence[str]) -> list[str]:
     return [inputs] if isinstance(inputs, str) else list(inputs)
 
 
+def _token_ids(seqs: Sequence[Sequence[int]] | None) -> list[pb.TokenIds]:
+    return [pb.TokenIds(ids=[int(i) for i in seq]) for seq in seqs or []]
+
+
 def embed_request(
-    model: str, inputs: str | Sequence[str], normalize: bool | None, truncate: bool
+    model: str,
+    inputs: str | Sequence[str] | None,
+    normalize: bool | None,
+    truncate: bool,
+    prompt_name: str = "",
+    token_ids: Sequence[Sequence[int]] | None = None,
 ) -> pb.EmbedRequest:
-    req = pb.EmbedRequest(model=model, inputs=_texts(inputs), truncate=truncate)
+    req = pb.EmbedRequest(
+        model=model,
+        inputs=_texts(inputs) if inputs is not None else [],
+        truncate=truncate,
+        prompt_name=prompt_name,
+        token_ids=_token_ids(token_ids),
+    )
     if normalize is not None:
         req.normalize = normalize
     return req
@@ -206,7 +226,7 @@ def logprobs_request(
     return pb.LogProbsRequest(
         model=model,
         inputs=_texts(inputs) if inputs is not None else [],
-        token_ids=[pb.TokenIds(ids=[int(i) for i in seq]) for seq in token_ids or []],
+        token_ids=_token_ids(token_ids),
         top_k=top_k,
         truncate=truncate,
         entropy=entropy,
@@ -287,6 +307,10 @@ def decode_models(resp: pb.ListModelsResponse) -> ModelList:
                 load_seconds=dict(m.load_seconds),
                 max_length=m.max_length,
                 output_dims=m.output_dims,
+                pooling=m.pooling,
+                normalize=m.normalize,
+                prompt_names=tuple(m.prompt_names),
+                default_prompt_name=m.default_prompt_name,
             )
             for m in resp.models
         ],

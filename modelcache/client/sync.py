@@ -60,28 +60,43 @@ class ModelCacheClient(ClientBase):
     def embed(
         self,
         model: str,
-        inputs: str | Sequence[str],
+        inputs: str | Sequence[str] | None = None,
         *,
+        token_ids: Sequence[Sequence[int]] | None = None,
+        prompt_name: str = "",
         normalize: bool | None = None,
         truncate: bool = True,
         timeout: float | None = _UNSET,
     ) -> F32:
-        """Embeddings as a (len(inputs), dims) float32 array, in input order."""
-        return self.embed_result(
-            model, inputs, normalize=normalize, truncate=truncate, timeout=timeout
-        ).embeddings
+        """Embeddings as a (len(inputs), dims) float32 array, in input order.
+
+        ``prompt_name`` picks one of the model's named prompts (``list_models`` shows
+        them; "" is the model's default prompt); ``token_ids`` sends pre-tokenized
+        sequences instead of ``inputs``, used as given."""
+        result = self.embed_result(
+            model,
+            inputs,
+            token_ids=token_ids,
+            prompt_name=prompt_name,
+            normalize=normalize,
+            truncate=truncate,
+            timeout=timeout,
+        )
+        return result.embeddings
 
     def embed_result(
         self,
         model: str,
-        inputs: str | Sequence[str],
+        inputs: str | Sequence[str] | None = None,
         *,
+        token_ids: Sequence[Sequence[int]] | None = None,
+        prompt_name: str = "",
         normalize: bool | None = None,
         truncate: bool = True,
         timeout: float | None = _UNSET,
     ) -> EmbedResult:
         """Embeddings plus token counts, revision and fingerprint of the model."""
-        req = embed_request(model, inputs, normalize, truncate)
+        req = embed_request(model, inputs, normalize, truncate, prompt_name, token_ids)
         return decode_embed(self._call(self._stub.Embed, req, timeout))
 
     def logprobs(

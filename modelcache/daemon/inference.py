@@ -30,6 +30,8 @@ from modelcache.daemon.logstats import (
     SequenceStats,
     token_statistics,
 )
+from modelcache.daemon.pooling import pool, project
+from modelcache.daemon.stmodules import from_spec
 
 __all__ = [
     "MAX_TOP_K",
@@ -41,6 +43,7 @@ __all__ = [
     "SequenceStats",
     "pad_batch",
     "pool",
+    "project",
     "set_tf32",
     "split_by_length",
     "token_statistics",
@@ -85,6 +88,8 @@ def _max_length(loaded: LoadedModel) -> int:
                 positions -= int(getattr(cfg, "pad_token_id", 0) or 0) + 1
             limit = min(limit, positions)
             break
+    if loaded.recipe is not None and loaded.recipe.max_seq_length:
+        limit = min(limit, loaded.recipe.max_seq_length)  # the length it was trained at
     tok_limit = getattr(loaded.tokenizer, "model_max_length", None)
     if isinstance(tok_limit, int) and 0 < tok_limit < 1_000_000:
         limit = min(limit, tok_limit)
@@ -129,17 +134,6 @@ def split_by_length(
     return [cands[i] for i in reversed(picked)]
 
 
-def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
-    """[B, T, D] hidden states → [B, D], ignoring padding (mean as sentence-transformers)."""
-    if mode == "cls":
-        return hidden[:, 0]
-    if mode == "last":
-        last = mask.sum(dim=1) - 1
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-    weights = mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1e-9)
-
-
 class ModelCompute:
     """Tokenization and batched forward passes for one loaded model."""
 
@@ -150,6 +144,8 @@ class ModelCompute:
         self.device = loaded.device
         self.task = loaded.spec.task
         self.max_length = _max_length(loaded)
+        #: Pooling, Dense, Normalize and prompts: the checkpoint's modules, else the YAML.
+        self.recipe = loaded.recipe or from_spec(loaded.spec)
         self._tokenizer_lock = threading.Lock()
         pad = getattr(self.tokenizer, "pad_token_id", None)
         self.pad_id = int(pad) if pad is not None else 0
@@ -165,6 +161,18 @@ class ModelCompute:
             self.logprob_engine = LogProbEngine(self.model, self.device, self.pad_id, vocab)
 
     # -- admission-side helpers (any thread) -------------------------------------------
+    def prompt(self, name: str) -> str:
+        """The text a named prompt puts before each input ("" names the default prompt,
+        which is itself "" when the model has none)."""
+        prompts = self.recipe.prompts
+        key = name or self.recipe.default_prompt_name
+        if not key:
+            return ""
+        if key not in prompts:
+            known = ", ".join(repr(k) for k in sorted(prompts)) or "none"
+            raise InputError(f"prompt_name {name!r} is not one of the model's prompts ({known})")
+        return prompts[key]
+
     def tokenize(self, texts: Sequence[str], truncate: bool) -> list[list[int]]:
         """Token ids with the model's special tokens; over-long inputs are cut to
         max_length, or rejected naming their index when ``truncate`` is false."""
@@ -251,7 +259,9 @@ class ModelCompute:
     def _embed_part(self, items: Sequence[EmbedItem]) -> F32:
         ids, mask = pad_batch([i.ids for i in items], self.pad_id, self.device)
         out = self.model(input_ids=ids, attention_mask=mask, **self._embed_kwargs)
-        pooled = pool(out.last_hidden_state.float(), mask, self.loaded.spec.pooling)
+        pooled = pool(out.last_hidden_state.float(), mask, self.recipe.pooling)
+        if self.recipe.dense:
+            pooled = project(pooled, self.recipe.dense).float()
         flags = torch.tensor([i.normalize for i in items]).to(pooled.device, non_blocking=True)
         normed = torch.nn.functional.normalize(pooled, p=2.0, dim=1)
         pooled = torch.where(flags.unsqueeze(1), normed, pooled)

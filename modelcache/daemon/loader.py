@@ -33,7 +33,7 @@ import torch
 import transformers
 
 from modelcache.config import ModelSpec
-from modelcache.daemon import globalstate, hostmem, keys, streaming, verify, wire
+from modelcache.daemon import globalstate, hostmem, keys, stmodules, streaming, verify, wire
 from modelcache.daemon.conversion import plan_conversion
 from modelcache.daemon.errors import ModelLoadError
 from modelcache.daemon.materialize import (
@@ -83,6 +83,8 @@ class LoadedModel:
     path: Path
     canary: str = ""
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    #: How hidden states become served vectors (embedding models), Dense weights on device.
+    recipe: stmodules.Recipe | None = None
 
 
 def versions() -> dict[str, str]:
@@ -224,6 +226,11 @@ def _load(prepared: PreparedModel, stages: dict[str, float]) -> LoadedModel:
     live = model.state_dict()
     views = live_views(plan, live, {k: t.shape for k, t in infos.items()})
     digest = verify.fingerprint(views, {c: files[c] for c in views})
+    recipe = prepared.recipe
+    if recipe is not None and recipe.dense:
+        # The projection is part of the served model: its weights enter the fingerprint.
+        digest = stmodules.fingerprint(digest, recipe)
+        recipe = stmodules.on_device(recipe, device, dtype)
     stages["verify"], clock = time.perf_counter() - clock, time.perf_counter()
 
     canary = verify.canary(model, prepared.tokenizer, spec.task, device)
@@ -233,7 +240,8 @@ def _load(prepared: PreparedModel, stages: dict[str, float]) -> LoadedModel:
     if spec.task == "causal-lm":
         dims = int(model.get_output_embeddings().weight.shape[0])
     else:
-        dims = int(getattr(text_cfg, "hidden_size", 0) or 0)
+        hidden = int(getattr(text_cfg, "hidden_size", 0) or 0)
+        dims = recipe.dims(hidden) if recipe is not None else hidden
     loaded = LoadedModel(
         spec=spec,
         model=model,
@@ -247,6 +255,7 @@ def _load(prepared: PreparedModel, stages: dict[str, float]) -> LoadedModel:
         path=prepared.path,
         canary=canary,
         stage_seconds=stages,
+        recipe=recipe,
     )
     wire.check(loaded)  # an impossible max_length fails this model, not ListModels
     return loaded

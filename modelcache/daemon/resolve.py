@@ -25,7 +25,7 @@ from transformers import (
 )
 
 from modelcache.config import DaemonConfig, ModelSpec, resolve_dtype
-from modelcache.daemon import quantization
+from modelcache.daemon import quantization, stmodules
 from modelcache.daemon.errors import ModelLoadError
 from modelcache.daemon.weights import Shard, find_shards, read_header
 
@@ -46,6 +46,9 @@ class PreparedModel:
     shards: list[Shard]
     revision: str
     resolve_seconds: float
+    #: Pooling, Dense, Normalize and prompts (the checkpoint's sentence-transformers
+    #: modules where it has them); None for causal-lm models.
+    recipe: stmodules.Recipe | None = None
 
 
 def hub_dir(root: Path, source: str, revision: str) -> Path:
@@ -183,6 +186,12 @@ def prepare_model(spec: ModelSpec, config: DaemonConfig) -> PreparedModel:
         raise ModelLoadError("bad_config", f"{path}: cannot load the tokenizer ({exc})") from None
     shards = [read_header(p) for p in find_shards(path)]
     quantization.check_headers(shards)
+    recipe = None
+    if spec.task == "embedding":
+        hidden = int(getattr(hf_config.get_text_config(), "hidden_size", 0) or 0)
+        recipe = stmodules.recipe(path, spec, hidden)
+        if recipe.lowercase:
+            stmodules.lowercase_tokenizer(tokenizer)
     revision = spec.revision or _local_revision(path, shards)
     return PreparedModel(
         spec=spec,
@@ -193,4 +202,5 @@ def prepare_model(spec: ModelSpec, config: DaemonConfig) -> PreparedModel:
         shards=shards,
         revision=revision,
         resolve_seconds=time.perf_counter() - started,
+        recipe=recipe,
     )

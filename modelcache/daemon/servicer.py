@@ -301,19 +301,52 @@ class ModelCacheServicer:
         except b.BatchError as exc:
             raise ServingError(_BATCH_CODES[type(exc)], str(exc)) from None
 
+    def _inputs_or_ids(self, req: pb.EmbedRequest | pb.LogProbsRequest) -> int:
+        """Exactly one of text inputs and pre-tokenized sequences, within the per-request
+        limit; returns how many sequences the request has."""
+        if req.inputs and req.token_ids:
+            raise ServingError(
+                Code.INVALID_ARGUMENT,
+                "exactly one of inputs and token_ids must be set (both is)",
+            )
+        if req.inputs:
+            self._texts(req.inputs, "inputs")
+        elif len(req.token_ids) > self.cfg.max_inputs_per_request:
+            raise ServingError(
+                Code.INVALID_ARGUMENT,
+                f"{len(req.token_ids)} token_ids; at most "
+                f"{self.cfg.max_inputs_per_request} per request",
+            )
+        return len(req.inputs) or len(req.token_ids)
+
     # -- Embed -----------------------------------------------------------------------
     async def _embed(self, req: pb.EmbedRequest, call: _Call) -> pb.EmbedResponse:
         entry = self._entry(req.model, "embedding", "Embed", call)
-        if not req.inputs:
+        if not req.inputs and not req.token_ids:
             raise ServingError(Code.INVALID_ARGUMENT, "inputs is empty")
-        self._texts(req.inputs, "inputs")
-        served = self._ready(entry, len(req.inputs))
+        count = self._inputs_or_ids(req)
+        if req.token_ids and req.prompt_name:
+            raise ServingError(
+                Code.INVALID_ARGUMENT,
+                "prompt_name applies to text inputs; token_ids are used as given "
+                "(put the prompt's tokens in them)",
+            )
+        served = self._ready(entry, count)
         compute = served.compute
-        texts, truncate = list(req.inputs), req.truncate
-        normalize = req.normalize if req.HasField("normalize") else entry.spec.normalize
+        try:
+            prompt = compute.prompt(req.prompt_name) if req.inputs else ""
+        except InputError as exc:
+            raise ServingError(Code.INVALID_ARGUMENT, str(exc)) from None
+        texts, truncate = [prompt + t for t in req.inputs], req.truncate
+        seqs = [list(t.ids) for t in req.token_ids]
+        normalize = req.normalize if req.HasField("normalize") else compute.recipe.normalize
 
         def prepare() -> list[EmbedItem]:
-            return [EmbedItem(s, normalize) for s in compute.tokenize(texts, truncate)]
+            if texts:
+                ids = compute.tokenize(texts, truncate)
+            else:
+                ids = compute.check_token_ids(seqs, truncate)
+            return [EmbedItem(s, normalize) for s in ids]
 
         items, rows = await self._compute(served, prepare, call)
         matrix = np.stack(rows).astype("<f4", copy=False)
@@ -341,15 +374,7 @@ class ModelCacheServicer:
             raise ServingError(
                 Code.INVALID_ARGUMENT, f"top_k {req.top_k} is out of range 0..{MAX_TOP_K}"
             )
-        if req.inputs:
-            self._texts(req.inputs, "inputs")
-        elif len(req.token_ids) > self.cfg.max_inputs_per_request:
-            raise ServingError(
-                Code.INVALID_ARGUMENT,
-                f"{len(req.token_ids)} token_ids; at most "
-                f"{self.cfg.max_inputs_per_request} per request",
-            )
-        count = len(req.inputs) or len(req.token_ids)
+        count = self._inputs_or_ids(req)
         served = self._ready(entry, count)
         compute = served.compute
         if req.top_k > compute.vocab_size:
@@ -402,36 +427,64 @@ class ModelCacheServicer:
     # -- ListModels ------------------------------------------------------------------
     async def _list(self, req: pb.ListModelsRequest, call: _Call) -> pb.ListModelsResponse:
         served = self.served()
-        models = []
-        for e in self.registry.entries():
-            lm, spec = e.loaded, e.spec
-            state, error, error_class = _STATES[e.state], e.error, e.error_class
-            s = served.get(spec.name)
-            if s is not None and s.batcher.device_lost:
-                state, error, error_class = pb.ModelStatus.FAILED, s.batcher.device_lost, "device"
-            elif s is not None and s.batcher.failure:
-                state, error, error_class = pb.ModelStatus.FAILED, s.batcher.failure, "worker"
-            models.append(
-                pb.ModelStatus(
-                    name=spec.name,
-                    state=state,
-                    error=error,
-                    error_class=error_class,
-                    task=spec.task,
-                    device=str(lm.device) if lm else spec.device,
-                    dtype=str(lm.dtype).removeprefix("torch.") if lm else spec.dtype,
-                    source=spec.source,
-                    revision=lm.revision if lm else (spec.revision or ""),
-                    fingerprint=lm.fingerprint if lm else "",
-                    weight_bytes=lm.weight_bytes if lm else 0,
-                    load_seconds=e.stage_seconds,
-                    max_length=s.compute.max_length if s else spec.max_length,
-                    output_dims=lm.output_dims if lm else 0,
-                    load_failures=e.failures,
-                    next_retry_unix=e.next_retry or 0.0,
-                    pending_update=describe_update(spec, e.update) if e.update else "",
-                )
-            )
+        models = [self._status(e, served.get(e.spec.name)) for e in self.registry.entries()]
         return pb.ListModelsResponse(
             models=models, versions=versions(), config_hash=self.config_hash()
         )
+
+    def _status(self, e: ModelEntry, s: ServedModel | None) -> pb.ModelStatus:
+        """One model's entry, built defensively: a value protobuf refuses (out of range,
+        a string that is not UTF-8) is reported in that model's entry instead of failing
+        ListModels for every model, and with it the operator's status probe. Serialized
+        here once, because gRPC serializes only after the handler returned."""
+        try:
+            status = _model_status(e, s)
+            status.SerializeToString()
+            return status
+        except Exception as exc:
+            log.warning(
+                "ListModels: the status of model %s cannot be reported: %r", e.spec.name, exc
+            )
+            why = f"{type(exc).__name__}: {exc}".encode("utf-8", "backslashreplace").decode()
+            return pb.ModelStatus(
+                name=e.spec.name,
+                state=_STATES[e.state],
+                task=e.spec.task,
+                error=clip(f"this model's status cannot be reported: {why}"),
+                error_class="status",
+            )
+
+
+def _model_status(e: ModelEntry, s: ServedModel | None) -> pb.ModelStatus:
+    lm, spec = e.loaded, e.spec
+    state, error, error_class = _STATES[e.state], e.error, e.error_class
+    if s is not None and s.batcher.device_lost:
+        state, error, error_class = pb.ModelStatus.FAILED, s.batcher.device_lost, "device"
+    elif s is not None and s.batcher.failure:
+        state, error, error_class = pb.ModelStatus.FAILED, s.batcher.failure, "worker"
+    status = pb.ModelStatus(
+        name=spec.name,
+        state=state,
+        error=error,
+        error_class=error_class,
+        task=spec.task,
+        device=str(lm.device) if lm else spec.device,
+        dtype=str(lm.dtype).removeprefix("torch.") if lm else spec.dtype,
+        source=spec.source,
+        revision=lm.revision if lm else (spec.revision or ""),
+        fingerprint=lm.fingerprint if lm else "",
+        weight_bytes=lm.weight_bytes if lm else 0,
+        load_seconds=e.stage_seconds,
+        max_length=s.compute.max_length if s else spec.max_length,
+        output_dims=lm.output_dims if lm else 0,
+        load_failures=e.failures,
+        next_retry_unix=e.next_retry or 0.0,
+        pending_update=describe_update(spec, e.update) if e.update else "",
+    )
+    recipe = s.compute.recipe if s else lm.recipe if lm else None
+    if recipe is not None and spec.task == "embedding":
+        status.pooling = "+".join(recipe.pooling)
+        status.normalize = recipe.normalize
+        status.prompt_names.extend(sorted(recipe.prompts))
+        status.default_prompt_name = recipe.default_prompt_name
+    return status

@@ -14,7 +14,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1emodelcache/v1/modelcache.proto\x12\rmodelcache.v1\"e\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\x12\x16\n\tnormalize\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x10\n\x08truncate\x18\x04 \x01(\x08\x42\x0c\n\n_normalize\"\x8b\x01\n\rEmbedResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nembeddings\x18\x02 \x01(\x0c\x12\x0c\n\x04rows\x18\x03 \x01(\r\x12\x0c\n\x04\x64ims\x18\x04 \x01(\r\x12\x14\n\x0ctoken_counts\x18\x05 \x03(\r\x12\x10\n\x08revision\x18\x06 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x07 \x01(\t\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xb6\x01\n\x0fLogProbsRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\x12*\n\ttoken_ids\x18\x03 \x03(\x0b\x32\x17.modelcache.v1.TokenIds\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x10\n\x08truncate\x18\x05 \x01(\x08\x12\x0f\n\x07\x65ntropy\x18\x06 \x01(\x08\x12\x18\n\x10\x65xpected_logprob\x18\x07 \x01(\x08\x12\x0c\n\x04rank\x18\x08 \x01(\x08\"\xc9\x01\n\x10SequenceLogProbs\x12\x11\n\ttoken_ids\x18\x01 \x01(\x0c\x12\x10\n\x08logprobs\x18\x02 \x01(\x0c\x12\x0f\n\x07\x65ntropy\x18\x03 \x01(\x0c\x12\x18\n\x10\x65xpected_logprob\x18\x04 \x01(\x0c\x12\x18\n\x10logprob_variance\x18\x05 \x01(\x0c\x12\x0c\n\x04rank\x18\x06 \x01(\x0c\x12\x11\n\ttop_k_ids\x18\x07 \x01(\x0c\x12\x16\n\x0etop_k_logprobs\x18\x08 \x01(\x0c\x12\x12\n\nnum_tokens\x18\t \x01(\r\"\x8b\x01\n\x10LogProbsResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x32\n\tsequences\x18\x02 \x03(\x0b\x32\x1f.modelcache.v1.SequenceLogProbs\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x10\n\x08revision\x18\x04 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x05 \x01(\t\"\x13\n\x11ListModelsRequest\"\xa3\x04\n\x0bModelStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12/\n\x05state\x18\x02 \x01(\x0e\x32 .modelcache.v1.ModelStatus.State\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x0c\n\x04task\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x0e\n\x06source\x18\x07 \x01(\t\x12\x10\n\x08revision\x18\x08 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\t \x01(\t\x12\x14\n\x0cweight_bytes\x18\n \x01(\x04\x12\x41\n\x0cload_seconds\x18\x0b \x03(\x0b\x32+.modelcache.v1.ModelStatus.LoadSecondsEntry\x12\x12\n\nmax_length\x18\x0c \x01(\r\x12\x13\n\x0boutput_dims\x18\r \x01(\r\x12\x13\n\x0b\x65rror_class\x18\x0e \x01(\t\x12\x15\n\rload_failures\x18\x0f \x01(\r\x12\x17\n\x0fnext_retry_unix\x18\x10 \x01(\x01\x12\x16\n\x0epending_update\x18\x11 \x01(\t\x1a\x32\n\x10LoadSecondsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"O\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PENDING\x10\x01\x12\x0b\n\x07LOADING\x10\x02\x12\t\n\x05READY\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\"\xc9\x01\n\x12ListModelsResponse\x12*\n\x06models\x18\x01 \x03(\x0b\x32\x1a.modelcache.v1.ModelStatus\x12\x41\n\x08versions\x18\x02 \x03(\x0b\x32/.modelcache.v1.ListModelsResponse.VersionsEntry\x12\x13\n\x0b\x63onfig_hash\x18\x03 \x01(\t\x1a/\n\rVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\xf0\x01\n\nModelCache\x12\x42\n\x05\x45mbed\x12\x1b.modelcache.v1.EmbedRequest\x1a\x1c.modelcache.v1.EmbedResponse\x12K\n\x08LogProbs\x12\x1e.modelcache.v1.LogProbsRequest\x1a\x1f.modelcache.v1.LogProbsResponse\x12Q\n\nListModels\x12 .modelcache.v1.ListModelsRequest\x1a!.modelcache.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1emodelcache/v1/modelcache.proto\x12\rmodelcache.v1\"\xa6\x01\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\x12\x16\n\tnormalize\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x10\n\x08truncate\x18\x04 \x01(\x08\x12\x13\n\x0bprompt_name\x18\x05 \x01(\t\x12*\n\ttoken_ids\x18\x06 \x03(\x0b\x32\x17.modelcache.v1.TokenIdsB\x0c\n\n_normalize\"\x8b\x01\n\rEmbedResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nembeddings\x18\x02 \x01(\x0c\x12\x0c\n\x04rows\x18\x03 \x01(\r\x12\x0c\n\x04\x64ims\x18\x04 \x01(\r\x12\x14\n\x0ctoken_counts\x18\x05 \x03(\r\x12\x10\n\x08revision\x18\x06 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x07 \x01(\t\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xb6\x01\n\x0fLogProbsRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\x12*\n\ttoken_ids\x18\x03 \x03(\x0b\x32\x17.modelcache.v1.TokenIds\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x10\n\x08truncate\x18\x05 \x01(\x08\x12\x0f\n\x07\x65ntropy\x18\x06 \x01(\x08\x12\x18\n\x10\x65xpected_logprob\x18\x07 \x01(\x08\x12\x0c\n\x04rank\x18\x08 \x01(\x08\"\xc9\x01\n\x10SequenceLogProbs\x12\x11\n\ttoken_ids\x18\x01 \x01(\x0c\x12\x10\n\x08logprobs\x18\x02 \x01(\x0c\x12\x0f\n\x07\x65ntropy\x18\x03 \x01(\x0c\x12\x18\n\x10\x65xpected_logprob\x18\x04 \x01(\x0c\x12\x18\n\x10logprob_variance\x18\x05 \x01(\x0c\x12\x0c\n\x04rank\x18\x06 \x01(\x0c\x12\x11\n\ttop_k_ids\x18\x07 \x01(\x0c\x12\x16\n\x0etop_k_logprobs\x18\x08 \x01(\x0c\x12\x12\n\nnum_tokens\x18\t \x01(\r\"\x8b\x01\n\x10LogProbsResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x32\n\tsequences\x18\x02 \x03(\x0b\x32\x1f.modelcache.v1.SequenceLogProbs\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x10\n\x08revision\x18\x04 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x05 \x01(\t\"\x13\n\x11ListModelsRequest\"\xfa\x04\n\x0bModelStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12/\n\x05state\x18\x02 \x01(\x0e\x32 .modelcache.v1.ModelStatus.State\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x0c\n\x04task\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x0e\n\x06source\x18\x07 \x01(\t\x12\x10\n\x08revision\x18\x08 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\t \x01(\t\x12\x14\n\x0cweight_bytes\x18\n \x01(\x04\x12\x41\n\x0cload_seconds\x18\x0b \x03(\x0b\x32+.modelcache.v1.ModelStatus.LoadSecondsEntry\x12\x12\n\nmax_length\x18\x0c \x01(\r\x12\x13\n\x0boutput_dims\x18\r \x01(\r\x12\x13\n\x0b\x65rror_class\x18\x0e \x01(\t\x12\x15\n\rload_failures\x18\x0f \x01(\r\x12\x17\n\x0fnext_retry_unix\x18\x10 \x01(\x01\x12\x16\n\x0epending_update\x18\x11 \x01(\t\x12\x0f\n\x07pooling\x18\x12 \x01(\t\x12\x11\n\tnormalize\x18\x13 \x01(\x08\x12\x14\n\x0cprompt_names\x18\x14 \x03(\t\x12\x1b\n\x13\x64\x65\x66\x61ult_prompt_name\x18\x15 \x01(\t\x1a\x32\n\x10LoadSecondsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"O\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PENDING\x10\x01\x12\x0b\n\x07LOADING\x10\x02\x12\t\n\x05READY\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\"\xc9\x01\n\x12ListModelsResponse\x12*\n\x06models\x18\x01 \x03(\x0b\x32\x1a.modelcache.v1.ModelStatus\x12\x41\n\x08versions\x18\x02 \x03(\x0b\x32/.modelcache.v1.ListModelsResponse.VersionsEntry\x12\x13\n\x0b\x63onfig_hash\x18\x03 \x01(\t\x1a/\n\rVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\xf0\x01\n\nModelCache\x12\x42\n\x05\x45mbed\x12\x1b.modelcache.v1.EmbedRequest\x1a\x1c.modelcache.v1.EmbedResponse\x12K\n\x08LogProbs\x12\x1e.modelcache.v1.LogProbsRequest\x1a\x1f.modelcache.v1.LogProbsResponse\x12Q\n\nListModels\x12 .modelcache.v1.ListModelsRequest\x1a!.modelcache.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -25,30 +25,30 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   _globals['_MODELSTATUS_LOADSECONDSENTRY']._serialized_options = b'8\001'
   _globals['_LISTMODELSRESPONSE_VERSIONSENTRY']._options = None
   _globals['_LISTMODELSRESPONSE_VERSIONSENTRY']._serialized_options = b'8\001'
-  _globals['_EMBEDREQUEST']._serialized_start=49
-  _globals['_EMBEDREQUEST']._serialized_end=150
-  _globals['_EMBEDRESPONSE']._serialized_start=153
-  _globals['_EMBEDRESPONSE']._serialized_end=292
-  _globals['_TOKENIDS']._serialized_start=294
-  _globals['_TOKENIDS']._serialized_end=317
-  _globals['_LOGPROBSREQUEST']._serialized_start=320
-  _globals['_LOGPROBSREQUEST']._serialized_end=502
-  _globals['_SEQUENCELOGPROBS']._serialized_start=505
-  _globals['_SEQUENCELOGPROBS']._serialized_end=706
-  _globals['_LOGPROBSRESPONSE']._serialized_start=709
-  _globals['_LOGPROBSRESPONSE']._serialized_end=848
-  _globals['_LISTMODELSREQUEST']._serialized_start=850
-  _globals['_LISTMODELSREQUEST']._serialized_end=869
-  _globals['_MODELSTATUS']._serialized_start=872
-  _globals['_MODELSTATUS']._serialized_end=1419
-  _globals['_MODELSTATUS_LOADSECONDSENTRY']._serialized_start=1288
-  _globals['_MODELSTATUS_LOADSECONDSENTRY']._serialized_end=1338
-  _globals['_MODELSTATUS_STATE']._serialized_start=1340
-  _globals['_MODELSTATUS_STATE']._serialized_end=1419
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1422
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1623
-  _globals['_LISTMODELSRESPONSE_VERSIONSENTRY']._serialized_start=1576
-  _globals['_LISTMODELSRESPONSE_VERSIONSENTRY']._serialized_end=1623
-  _globals['_MODELCACHE']._serialized_start=1626
-  _globals['_MODELCACHE']._serialized_end=1866
+  _globals['_EMBEDREQUEST']._serialized_start=50
+  _globals['_EMBEDREQUEST']._serialized_end=216
+  _globals['_EMBEDRESPONSE']._serialized_start=219
+  _globals['_EMBEDRESPONSE']._serialized_end=358
+  _globals['_TOKENIDS']._serialized_start=360
+  _globals['_TOKENIDS']._serialized_end=383
+  _globals['_LOGPROBSREQUEST']._serialized_start=386
+  _globals['_LOGPROBSREQUEST']._serialized_end=568
+  _globals['_SEQUENCELOGPROBS']._serialized_start=571
+  _globals['_SEQUENCELOGPROBS']._serialized_end=772
+  _globals['_LOGPROBSRESPONSE']._serialized_start=775
+  _globals['_LOGPROBSRESPONSE']._serialized_end=914
+  _globals['_LISTMODELSREQUEST']._serialized_start=916
+  _globals['_LISTMODELSREQUEST']._serialized_end=935
+  _globals['_MODELSTATUS']._serialized_start=938
+  _globals['_MODELSTATUS']._serialized_end=1572
+  _globals['_MODELSTATUS_LOADSECONDSENTRY']._serialized_start=1441
+  _globals['_MODELSTATUS_LOADSECONDSENTRY']._serialized_end=1491
+  _globals['_MODELSTATUS_STATE']._serialized_start=1493
+  _globals['_MODELSTATUS_STATE']._serialized_end=1572
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1575
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1776
+  _globals['_LISTMODELSRESPONSE_VERSIONSENTRY']._serialized_start=1729
+  _globals['_LISTMODELSRESPONSE_VERSIONSENTRY']._serialized_end=1776
+  _globals['_MODELCACHE']._serialized_start=1779
+  _globals['_MODELCACHE']._serialized_end=2019
 # @@protoc_insertion_point(module_scope)

@@ -7,16 +7,20 @@ from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Map
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class EmbedRequest(_message.Message):
-    __slots__ = ("model", "inputs", "normalize", "truncate")
+    __slots__ = ("model", "inputs", "normalize", "truncate", "prompt_name", "token_ids")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     NORMALIZE_FIELD_NUMBER: _ClassVar[int]
     TRUNCATE_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_NAME_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     model: str
     inputs: _containers.RepeatedScalarFieldContainer[str]
     normalize: bool
     truncate: bool
-    def __init__(self, model: _Optional[str] = ..., inputs: _Optional[_Iterable[str]] = ..., normalize: bool = ..., truncate: bool = ...) -> None: ...
+    prompt_name: str
+    token_ids: _containers.RepeatedCompositeFieldContainer[TokenIds]
+    def __init__(self, model: _Optional[str] = ..., inputs: _Optional[_Iterable[str]] = ..., normalize: bool = ..., truncate: bool = ..., prompt_name: _Optional[str] = ..., token_ids: _Optional[_Iterable[_Union[TokenIds, _Mapping]]] = ...) -> None: ...
 
 class EmbedResponse(_message.Message):
     __slots__ = ("model", "embeddings", "rows", "dims", "token_counts", "revision", "fingerprint")
@@ -103,7 +107,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelStatus(_message.Message):
-    __slots__ = ("name", "state", "error", "task", "device", "dtype", "source", "revision", "fingerprint", "weight_bytes", "load_seconds", "max_length", "output_dims", "error_class", "load_failures", "next_retry_unix", "pending_update")
+    __slots__ = ("name", "state", "error", "task", "device", "dtype", "source", "revision", "fingerprint", "weight_bytes", "load_seconds", "max_length", "output_dims", "error_class", "load_failures", "next_retry_unix", "pending_update", "pooling", "normalize", "prompt_names", "default_prompt_name")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATE_UNSPECIFIED: _ClassVar[ModelStatus.State]
@@ -140,6 +144,10 @@ class ModelStatus(_message.Message):
     LOAD_FAILURES_FIELD_NUMBER: _ClassVar[int]
     NEXT_RETRY_UNIX_FIELD_NUMBER: _ClassVar[int]
     PENDING_UPDATE_FIELD_NUMBER: _ClassVar[int]
+    POOLING_FIELD_NUMBER: _ClassVar[int]
+    NORMALIZE_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_NAMES_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_PROMPT_NAME_FIELD_NUMBER: _ClassVar[int]
     name: str
     state: ModelStatus.State
     error: str
@@ -157,7 +165,11 @@ class ModelStatus(_message.Message):
     load_failures: int
     next_retry_unix: float
     pending_update: str
-    def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[ModelStatus.State, str]] = ..., error: _Optional[str] = ..., task: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., source: _Optional[str] = ..., revision: _Optional[str] = ..., fingerprint: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., load_seconds: _Optional[_Mapping[str, float]] = ..., max_length: _Optional[int] = ..., output_dims: _Optional[int] = ..., error_class: _Optional[str] = ..., load_failures: _Optional[int] = ..., next_retry_unix: _Optional[float] = ..., pending_update: _Optional[str] = ...) -> None: ...
+    pooling: str
+    normalize: bool
+    prompt_names: _containers.RepeatedScalarFieldContainer[str]
+    default_prompt_name: str
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[ModelStatus.State, str]] = ..., error: _Optional[str] = ..., task: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., source: _Optional[str] = ..., revision: _Optional[str] = ..., fingerprint: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., load_seconds: _Optional[_Mapping[str, float]] = ..., max_length: _Optional[int] = ..., output_dims: _Optional[int] = ..., error_class: _Optional[str] = ..., load_failures: _Optional[int] = ..., next_retry_unix: _Optional[float] = ..., pending_update: _Optional[str] = ..., pooling: _Optional[str] = ..., normalize: bool = ..., prompt_names: _Optional[_Iterable[str]] = ..., default_prompt_name: _Optional[str] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models", "versions", "config_hash")
