@@ -356,3 +356,25 @@ def test_a_device_failure_is_fatal_for_the_batcher(make: Any, error: str) -> Non
     with pytest.raises(DeviceLost):
         submit(b, [5])
     assert device.batches == [[13]]  # neither retried nor anything computed after it
+
+
+def test_nothing_runs_after_a_retry_lost_the_device(make: Any) -> None:
+    """An OOM batch split in halves whose first half hits a poisoned context: the second
+    half is not computed on it (nor counted twice); its requests fail DeviceLost too."""
+    device = SmallDevice(capacity=40)
+    b = make(max_batch_size=64)
+    b._compute, b._on_death = device, lambda: None
+    device.hold()
+    first = submit(b, [1])
+    assert device.entered.wait(10)
+    jobs = [submit(b, [8 + k, 8 + k]) for k in range(4)]  # 80 padded tokens: split
+    device.fail_on = {
+        8 + k: RuntimeError("CUDA error: device-side assert triggered") for k in range(4)
+    }
+    device.release.set()
+    assert first.future.result(10) == [2]
+    for job in jobs:
+        with pytest.raises(DeviceLost):
+            job.future.result(10)
+    # [1], the whole batch (OOM), its first half (device lost): nothing ran after that.
+    assert len(device.batches) == 3 and len(device.batches[2]) == 4, device.batches

@@ -152,10 +152,14 @@ def test_a_cgroup_limit_counts_and_page_cache_does_not(
     (leaf / "memory.usage_in_bytes").write_text("1000")
     (parent / "memory.limit_in_bytes").write_text(str(10 * MIB))
     (parent / "memory.usage_in_bytes").write_text(str(9 * MIB))
-    (parent / "memory.stat").write_text(f"cache 5\ntotal_inactive_file {3 * MIB}\n")
+    # v1: the subtree's (total_) file cache, inactive and active, is reclaimable.
+    (parent / "memory.stat").write_text(
+        f"cache 5\ninactive_file 7\nactive_file 7\n"
+        f"total_inactive_file {3 * MIB}\ntotal_active_file {MIB}\n"
+    )
     monkeypatch.setattr(hostmem, "PROC_CGROUP", tmp_path / "proc_cgroup")
     monkeypatch.setattr(hostmem, "CGROUP_ROOT", tmp_path / "cg")
-    assert hostmem.available_bytes() == 4 * MIB
+    assert hostmem.available_bytes() == 5 * MIB
     v2 = tmp_path / "v2"
     (v2 / "kubepods/pod1").mkdir(parents=True)
     (v2 / "kubepods/pod1/memory.max").write_text(f"{8 * MIB}\n")
@@ -184,6 +188,12 @@ def test_cuda_free_memory_comes_from_the_driver(
     monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
     cuda = torch.device("cuda", 1)
     assert hostmem.device_free_bytes(cuda) == 123 and asked == [cuda]
+    # Blocks the caching allocator reserved but no tensor uses are free for a load too.
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 500)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 100)
+    assert hostmem.device_free_bytes(cuda) == 123 + 400
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
     shard = read_header(tiny_models.llama(tmp_path / "llama") / "model.safetensors")
     bf16 = streaming.model_bytes([shard], torch.bfloat16)
     assert bf16 * 2 == streaming.model_bytes([shard], torch.float32)

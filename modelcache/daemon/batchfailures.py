@@ -51,8 +51,9 @@ class FailureRecovery:
                     tokens,
                 )
                 half = len(live) // 2
-                self._execute(live[:half])
-                self._execute(live[half:])
+                for part in (live[:half], live[half:]):
+                    if not self._after_loss(part):
+                        self._execute(part)
             elif live:
                 BATCH_OOM.labels(self.name, "too_large").inc()
                 s = live[0]
@@ -77,8 +78,19 @@ class FailureRecovery:
             # One request may have caused it (an input the model cannot take): compute each
             # request alone, so that only the requests that fail on their own get the error.
             for job in jobs:
-                if not job.cancelled and not job.future.done():
-                    self._execute([s for s in live if s.job is job])
+                part = [s for s in live if s.job is job]
+                if not job.cancelled and not job.future.done() and not self._after_loss(part):
+                    self._execute(part)
+
+    def _after_loss(self, part: list[_Seq]) -> bool:
+        """Whether the device was lost meanwhile (by an earlier retry of this batch): then
+        nothing more runs on the poisoned context, and ``part`` fails with the same reason."""
+        if not self.device_lost:
+            return False
+        for s in part:
+            if not s.job.future.done():
+                s.job.fail(DeviceLost(self.device_lost))
+        return True
 
     def _lose_device(self, batch: list[_Seq], error: str) -> None:
         """Fail everything with DeviceLost and refuse what comes; the worker then ends and

@@ -45,16 +45,19 @@ def _read_int(path: Path) -> int | None:
     return None if text == "max" else int(text) if text.isdigit() else None
 
 
-def _inactive_file(stat: Path) -> int:
-    """Page cache the kernel reclaims before it kills: not part of the working set."""
+def _file_cache(stat: Path) -> int:
+    """Page cache the kernel reclaims before it kills (inactive and active file pages; the
+    ``total_`` keys of cgroup v1 count the whole subtree): not part of the working set. A
+    checkpoint read twice (a retry, two model names) sits in active_file."""
+    values: dict[str, int] = {}
     try:
         for line in stat.read_text().splitlines():
             key, _, value = line.partition(" ")
-            if key in ("inactive_file", "total_inactive_file"):
-                return int(value)
+            values[key] = int(value)
     except (OSError, ValueError):
-        pass
-    return 0
+        return 0
+    total = sum(values.get(f"total_{k}", 0) for k in ("inactive_file", "active_file"))
+    return total or sum(values.get(k, 0) for k in ("inactive_file", "active_file"))
 
 
 def _cgroup_dirs() -> list[Path]:
@@ -89,7 +92,7 @@ def _cgroup_available() -> int | None:
         usage = _read_int(d / ("memory.current" if v2 else "memory.usage_in_bytes"))
         if limit is None or usage is None or limit >= _UNLIMITED:
             continue
-        room = max(0, limit - usage + _inactive_file(d / "memory.stat"))
+        room = max(0, limit - usage + _file_cache(d / "memory.stat"))
         best = room if best is None else min(best, room)
     return best
 
@@ -106,7 +109,10 @@ def device_free_bytes(device: torch.device) -> int | None:
     the host's on CPU."""
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
-        return int(free)
+        # Blocks torch's caching allocator holds but no tensor uses count as used for the
+        # driver, yet the allocator frees them and retries before it fails: they fit too.
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(free) + max(0, int(cached))
     return available_bytes()
 
 

@@ -364,7 +364,14 @@ def serve(config: DaemonConfig, settings: DaemonSettings) -> None:
     try:
         asyncio.run(_run(server))
     finally:
-        registry.close()
-    if server.exit_code:
-        log.critical("exiting with status %d so that the daemon is restarted", server.exit_code)
-        raise SystemExit(server.exit_code)
+        try:
+            registry.close()
+        except Exception:
+            # After a lost device, freeing its memory can fail on the poisoned context; the
+            # exit status that asks for a restart must survive that.
+            if not server.exit_code:
+                raise
+            log.exception("closing the registry after a device failure")
+        if server.exit_code:
+            log.critical("exiting with status %d so that the daemon is restarted", server.exit_code)
+            raise SystemExit(server.exit_code)
