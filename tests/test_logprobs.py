@@ -176,3 +176,13 @@ def test_per_item_options_share_one_packed_result() -> None:
         ranked.rank.dtype == np.int32 and (ranked.rank >= 0).all() and (ranked.rank < VOCAB).all()
     )
     assert topped.top_k_ids is not None and topped.top_k_ids.shape == (4, 3) and topped.rank is None
+
+
+def test_a_top_k_of_one_is_still_a_matrix() -> None:
+    """The widest top_k of a batch is 1: one packed column, still (n-1, 1) per item (found by
+    test_fuzz_wire: unpacking it as a vector failed the whole batch)."""
+    engine = LogProbEngine(build("gpt2"), CPU, pad_id=0, vocab=VOCAB)
+    (one,) = engine.run([LogProbsItem([5, 6, 7, 8], LogProbsOptions(top_k=1))])
+    assert one.top_k_ids is not None and one.top_k_ids.shape == (3, 1)
+    assert one.top_k_logprobs is not None and one.top_k_logprobs.shape == (3, 1)
+    assert (one.top_k_logprobs[:, 0] >= one.logprobs - 1e-6).all()

@@ -128,6 +128,8 @@ def unpack(host: np.ndarray, cols: dict[str, slice], items: Sequence[LogProbsIte
                 return None
             arr = as_int if key in INT_KEYS else host
             c = cols[key]
+            if key.startswith("top_k"):  # (n-1, k) even when the widest k is 1
+                return arr[span, c]
             return arr[span, c.start] if c.stop - c.start == 1 else arr[span, c]
 
         k = opts.top_k
