@@ -366,6 +366,12 @@ def test_readyz_waits_for_every_model_and_livez_does_not(tmp_path: Path) -> None
         while proc.states().get("big") != READY:
             statuses.append(probe(proc, "/readyz")[0])
         assert 503 in statuses
-        assert probe(proc, "/readyz") == (200, {"ready": True, "models": {"big": True}})
+        # READY in the registry comes a moment before its batch worker runs (readiness
+        # needs both), so readiness follows within a moment, not at the same instant.
+        wait_for(
+            "readyz once the worker runs",
+            lambda: probe(proc, "/readyz") == (200, {"ready": True, "models": {"big": True}}),
+            timeout=30,
+        )
         live = probe(proc, "/livez")[1]
         assert live["live"] is True and live["stalled"] == []

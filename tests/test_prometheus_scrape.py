@@ -48,6 +48,8 @@ VARIABLES = {"namespace": "ml", "modelcache": "minilm-cache", "model": "minilm"}
 EMPTY_WHEN_HEALTHY = (
     "modelcache_meta_tensor_errors_total",
     "modelcache_worker_restarts_total",
+    "modelcache_batch_oom_total",
+    "modelcache_device_failures_total",
     "modelcache_operator_",
 )
 
