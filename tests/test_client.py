@@ -250,3 +250,34 @@ def test_wait_until_serving_waits_for_a_server_that_is_not_up_yet(
         finally:
             starter.join()
             box["d"].stop()
+
+
+def test_a_cancelled_from_a_stopping_server_is_retried() -> None:
+    """A gRPC server that stops aborts the calls it accepted with CANCELLED; the calls are
+    pure reads, so the client retries them (a real server, no stand-in for the channel)."""
+    from concurrent import futures
+
+    from modelcache.v1 import modelcache_pb2 as pb
+    from modelcache.v1 import modelcache_pb2_grpc as pb_grpc
+
+    calls: list[int] = []
+
+    class Stopping(pb_grpc.ModelCacheServicer):
+        def ListModels(self, request: Any, context: grpc.ServicerContext) -> Any:
+            calls.append(1)
+            if len(calls) == 1:
+                context.abort(grpc.StatusCode.CANCELLED, "server is stopping")
+            return pb.ListModelsResponse(config_hash="after-retry")
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    pb_grpc.add_ModelCacheServicer_to_server(Stopping(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        retries: list[tuple[int, Any]] = []
+        policy = RetryPolicy(initial_backoff=0.01, on_retry=lambda n, c, d: retries.append((n, c)))
+        with ModelCacheClient(f"127.0.0.1:{port}", retry=policy, timeout=10) as c:
+            assert c.list_models() is not None
+        assert retries == [(1, grpc.StatusCode.CANCELLED)] and len(calls) == 2
+    finally:
+        server.stop(None)

@@ -5,10 +5,13 @@ Targets without a scheme become ``dns:///host:port`` with the ``round_robin`` po
 Kubernetes a headless Service name resolves to every daemon pod, and each call goes to the
 next ready one, instead of gRPC's default ``pick_first`` pinning a client to one pod.
 
-Retries: only UNAVAILABLE (model loading, pod starting or stopping) and RESOURCE_EXHAUSTED
-(queue full) are retried, with exponential backoff and full jitter, inside the call's
-overall deadline. Every other status is final: retrying a bad input, a wrong task or a
-failed model cannot succeed and would only add load.
+Retries: only UNAVAILABLE (model loading, pod starting or stopping), RESOURCE_EXHAUSTED
+(queue full) and a CANCELLED the server sent are retried, with exponential backoff and full
+jitter, inside the call's overall deadline. A gRPC server that stops aborts with CANCELLED the
+calls it accepted but did not finish (seen on the local node: one call in a rolling update
+of two replicas); every modelcache call is a pure read, so a retry is safe. A CANCELLED of
+the client's own making (its channel closed) is final. Every other status is final: retrying
+a bad input, a wrong task or a failed model cannot succeed and would only add load.
 """
 
 from __future__ import annotations
@@ -120,7 +123,10 @@ class Attempts:
         """Seconds to wait before the next attempt, or raise the final error."""
         self.count += 1
         code, details = exc.code(), exc.details() or ""
-        if code not in RETRYABLE or self.count >= self.policy.max_attempts:
+        retryable = code in RETRYABLE or (
+            code == grpc.StatusCode.CANCELLED and "Channel closed" not in details
+        )
+        if not retryable or self.count >= self.policy.max_attempts:
             raise ModelCacheError(code, details, self.count) from None
         delay = self.policy.backoff(self.count - 1, self.rng)
         if self.deadline is not None and now + delay >= self.deadline:
