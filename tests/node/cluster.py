@@ -69,6 +69,10 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 120) -> 
         time.sleep(0.5)
 
 
+#: The CRDs the chart installs (and keeps after `helm uninstall`).
+CHART_CRDS = ("modelcaches.modelcache.io", "kopfpeerings.kopf.dev", "clusterkopfpeerings.kopf.dev")
+
+
 @dataclass(frozen=True)
 class Node:
     kubeconfig: Path
@@ -127,6 +131,20 @@ class Node:
         extra = ["--values", "-"] if values is not None else []
         stdin = yaml.safe_dump(values) if values is not None else None
         return self.run("helm", *args, *extra, stdin=stdin, timeout=timeout).stdout
+
+    def adopt_kept_crds(self, release: str, namespace: str) -> None:
+        """`helm uninstall` keeps the chart's CRDs (crds.keep): a release installed earlier on
+        this node left them. Let ``release`` adopt them, as `helm install` refuses objects it
+        does not own."""
+        for crd in CHART_CRDS:
+            if self.get("crd", crd) is not None:
+                managed = "app.kubernetes.io/managed-by=Helm"
+                self.kubectl("label", "crd", crd, "--overwrite", managed)
+                self.kubectl(
+                    "annotate", "crd", crd, "--overwrite",
+                    f"meta.helm.sh/release-name={release}",
+                    f"meta.helm.sh/release-namespace={namespace}",
+                )  # fmt: skip
 
     def ctr(self, *args: str) -> str:
         sock = self.state_dir / "containerd" / "containerd.sock"

@@ -22,7 +22,6 @@ SUFFIX = uuid.uuid4().hex[:6]
 RELEASE = "fit"
 OP_NS = f"fit-system-{SUFFIX}"
 NS = f"fit-apps-{SUFFIX}"
-CRDS = ("modelcaches.modelcache.io", "kopfpeerings.kopf.dev", "clusterkopfpeerings.kopf.dev")
 VALUES: dict[str, Any] = {
     "image": {"repository": OPERATOR_IMAGE.split(":")[0], "tag": OPERATOR_IMAGE.split(":")[1]},
     # ModelCaches here leave spec.image out: the chart's daemon image is their default
@@ -61,13 +60,7 @@ def row(node: Node, name: str) -> dict[str, str]:
 def release(node: Node) -> Iterator[str]:
     node.kubectl("create", "namespace", OP_NS)
     node.kubectl("create", "namespace", NS)
-    for crd in CRDS:  # adopt the CRDs an earlier release kept (crds.keep)
-        if node.get("crd", crd) is not None:
-            node.kubectl("label", "crd", crd, "--overwrite", "app.kubernetes.io/managed-by=Helm")
-            node.kubectl(
-                "annotate", "crd", crd, "--overwrite",
-                f"meta.helm.sh/release-name={RELEASE}", f"meta.helm.sh/release-namespace={OP_NS}",
-            )  # fmt: skip
+    node.adopt_kept_crds(RELEASE, OP_NS)
     node.helm("install", RELEASE, str(CHART), "-n", OP_NS, "--wait", values=VALUES)
     yield RELEASE
     node.run("helm", "uninstall", RELEASE, "-n", OP_NS, check=False)

@@ -31,7 +31,6 @@ OP_NS = f"live-system-{SUFFIX}"
 NS = f"live-apps-{SUFFIX}"
 NAME = "live"
 OTHER_TAG = "docker.io/library/modelcache:dev-b"  # the same image under a second name
-CRDS = ("modelcaches.modelcache.io", "kopfpeerings.kopf.dev", "clusterkopfpeerings.kopf.dev")
 VALUES: dict[str, Any] = {
     "image": {"repository": OPERATOR_IMAGE.split(":")[0], "tag": OPERATOR_IMAGE.split(":")[1]},
     "operator": {"statusInterval": 2, "probeTimeout": 2, "peeringName": f"live-{SUFFIX}"},
@@ -83,13 +82,7 @@ def live(node: Node, node_models: Path) -> Iterator[dict[str, Any]]:
     """The chart, and a Ready one-replica ModelCache serving minilm; its pod."""
     node.kubectl("create", "namespace", OP_NS)
     node.kubectl("create", "namespace", NS)
-    for crd in CRDS:  # adopt the CRDs an earlier release kept (crds.keep)
-        if node.get("crd", crd) is not None:
-            node.kubectl("label", "crd", crd, "--overwrite", "app.kubernetes.io/managed-by=Helm")
-            node.kubectl(
-                "annotate", "crd", crd, "--overwrite",
-                f"meta.helm.sh/release-name={RELEASE}", f"meta.helm.sh/release-namespace={OP_NS}",
-            )  # fmt: skip
+    node.adopt_kept_crds(RELEASE, OP_NS)
     node.helm("install", RELEASE, str(CHART), "-n", OP_NS, "--wait", values=VALUES)
     node.ctr("images", "tag", f"docker.io/library/{DAEMON_IMAGE}", OTHER_TAG)
     node.apply(

@@ -45,7 +45,6 @@ VALUES: dict[str, Any] = {
     },
     "operator": {"statusInterval": 2, "probeTimeout": 2, "peeringName": f"mc-node-{SUFFIX}"},
 }
-CRDS = ("modelcaches.modelcache.io", "kopfpeerings.kopf.dev", "clusterkopfpeerings.kopf.dev")
 RETRY = RetryPolicy(max_attempts=200, initial_backoff=0.1, max_backoff=1.0)
 
 
@@ -88,19 +87,7 @@ def operator_log(node: Node) -> str:
 def release(node: Node) -> Iterator[str]:
     node.kubectl("create", "namespace", OP_NS)
     node.kubectl("create", "namespace", NS)
-    # `helm uninstall` keeps the CRDs (crds.keep): a release installed earlier on this node
-    # left them. Let this release adopt them, as `helm install` refuses objects it does not own.
-    for crd in CRDS:
-        if node.get("crd", crd) is not None:
-            node.kubectl("label", "crd", crd, "--overwrite", "app.kubernetes.io/managed-by=Helm")
-            node.kubectl(
-                "annotate",
-                "crd",
-                crd,
-                "--overwrite",
-                f"meta.helm.sh/release-name={RELEASE}",
-                f"meta.helm.sh/release-namespace={OP_NS}",
-            )
+    node.adopt_kept_crds(RELEASE, OP_NS)
     node.helm(
         "install", RELEASE, str(CHART), "-n", OP_NS, "--wait", "--timeout", "180s", values=VALUES
     )
