@@ -10,19 +10,10 @@ runs it: tests/test_gpu_check.py) so the script never rots.
 
 The GPU machine of this project has Python 3.12, torch 2.11 (CUDA 13), transformers 5.17
 and no network; the project pins Python 3.11, so it runs from the source tree with
-PYTHONPATH, with these wheels carried (≤ 64 MiB together; fetch them where there is a
-network, from the repository root):
-
-    pip download --no-deps --only-binary=:all: --python-version 3.12 \\
-        --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d wheels/ \\
-        transformers==5.23.0 tokenizers==0.23.3 safetensors==0.8.0 huggingface_hub==2.4.0 \\
-        hf-xet==1.8.0 grpcio==1.85.1 grpcio-health-checking==1.85.1 \\
-        grpcio-reflection==1.85.1 protobuf==7.36.2 pydantic==2.14.3 pydantic_core==2.50.4 \\
-        pydantic-settings==2.16.3 python-dotenv==1.2.4 annotated-types==0.8.0 \\
-        typing-inspection==0.4.5 typing_extensions==4.16.0 prometheus_client==0.26.0 \\
-        PyYAML==6.0.3
-
-then ``bash bench/gpu_check.sh`` (installs them into a target directory, no network).
+PYTHONPATH, with the wheels of ``bench/gpu_wheels.txt`` carried (34 MiB; the one ``pip
+download`` command is in that file's header, run where there is a network, from the
+repository root, into ``wheels/``), then ``bash bench/gpu_check.sh`` (installs them into a
+target directory, no network).
 
     python bench/gpu_check.py [--device cuda] [--small] [--out gpu_check.json]
 """
@@ -66,6 +57,7 @@ def check_load(shape: gp.Shape, path: Path, device: torch.device) -> tuple[Any, 
         registry, loaded = gp.load(shape, path, str(device))
         seconds = time.perf_counter() - start
     gbps = size / seconds / 1e9
+    pinned = gp.pinned_host_bytes(device)  # the ring is handed back after the load
     ceiling = gp.h2d_ceiling_gbps(device)
     return (
         registry,
@@ -80,6 +72,7 @@ def check_load(shape: gp.Shape, path: Path, device: torch.device) -> tuple[Any, 
             "h2d_ceiling_gb_per_s": None if ceiling is None else round(ceiling, 2),
             "vs_h2d_ceiling": None if ceiling is None else round(gbps / ceiling, 3),
             "host_rss_peak_gib": round(rss.growth / gp.GIB, 3),
+            "pinned_host_bytes_after": pinned,
             "stages": {k: round(v, 3) for k, v in loaded.stage_seconds.items()},
         },
     )

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check on a machine without network (issue 12): the carried wheels (see the
-# header of bench/gpu_check.py for the one `pip download` command) go into a target
+# header of bench/gpu_wheels.txt for the one `pip download` command) go into a target
 # directory, the project runs from this source tree with PYTHONPATH (it pins Python 3.11
 # and cannot be pip-installed on the GPU machine's 3.12). Writes gpu_check.json (or $1).
 set -euo pipefail
