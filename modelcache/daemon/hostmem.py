@@ -137,3 +137,20 @@ def require_host(needed: int, what: str) -> None:
 def require_device(device: torch.device, needed: int, what: str) -> None:
     where = "host" if device.type == "cpu" else str(device)
     require(needed, device_free_bytes(device), where, what)
+
+
+def release_pinned() -> None:
+    """Hand the load ring's pinned pages back once a load is done.
+
+    Why: torch's host caching allocator keeps a freed pinned block for reuse, so the ring
+    (1 GiB by default on CUDA) would stay page-locked, unswappable and charged to the
+    pod's memory limit for as long as the daemon runs. Only unused blocks go: pinned
+    inputs of batches in flight stay. A torch without the call keeps its cache (older
+    torch: the private spelling)."""
+    if not torch.cuda.is_available():
+        return
+    empty = getattr(torch.accelerator, "empty_host_cache", None) or getattr(
+        torch._C, "_host_emptyCache", None
+    )
+    if empty is not None:
+        empty()

@@ -246,6 +246,10 @@ def stream_into(
                 ring.wait(k)
     finally:
         ring.close()
+        pinned = ring.stream is not None
+        del ring
+        if pinned:
+            hostmem.release_pinned()
         for fd in fds.values():
             os.close(fd)
     return count * size
