@@ -127,9 +127,10 @@ def raw_read_gbps(path: Path) -> float:
 
 def pinned_host_bytes(device: torch.device) -> int | None:
     """Pinned host memory torch's caching host allocator holds (in use + cached)."""
-    if device.type != "cuda":
+    stats_of = getattr(torch.cuda, "host_memory_stats", None)  # torch >= 2.8
+    if device.type != "cuda" or stats_of is None:
         return None
-    stats = torch.cuda.host_memory_stats()
+    stats = stats_of()
     value = stats.get("allocated_bytes.current", stats.get("reserved_bytes.current"))
     return None if value is None else int(value)
 
