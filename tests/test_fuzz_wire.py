@@ -37,7 +37,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from modelcache.daemon.servicer import clip
+from modelcache.daemon.rpcstatus import clip
 from modelcache.v1 import modelcache_pb2 as pb
 from modelcache.v1 import modelcache_pb2_grpc as pb_grpc
 

@@ -290,13 +290,13 @@ def test_the_serving_process_freezes_its_heap_when_a_model_is_ready() -> None:
     paused the daemon for 170-280 ms under load (gc callbacks in the serve process), and
     every request in flight with it; frozen, they are never walked again."""
     from modelcache.daemon.registry import ModelState
-    from modelcache.daemon.server import _freeze_when_ready
+    from modelcache.daemon.workers import freeze_when_ready
 
     assert gc.get_freeze_count() == 0
     try:
-        _freeze_when_ready("m", ModelState.LOADING)
+        freeze_when_ready("m", ModelState.LOADING)
         assert gc.get_freeze_count() == 0
-        _freeze_when_ready("m", ModelState.READY)
+        freeze_when_ready("m", ModelState.READY)
         assert gc.get_freeze_count() > 1000
     finally:
         gc.unfreeze()

@@ -72,6 +72,23 @@ def fetch_state(root: Path, spec: ModelSpec) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def missing_reason(
+    root: Path | None, spec: ModelSpec, exc: ModelLoadError
+) -> tuple[bool, ModelLoadError]:
+    """A hub model missing from the volume: is the fetch container still downloading it
+    (True: not a failure, the daemon looks again soon), or did it fail (its reason)?"""
+    if exc.error_class != "not_found" or root is None:
+        return False, exc
+    state = fetch_state(root, spec)
+    if state is None:
+        return False, exc
+    if state.get("state") == "downloading":
+        return True, ModelLoadError("downloading", "being downloaded by the fetch container")
+    if state.get("state") == "failed":
+        return False, ModelLoadError("download", str(state.get("error", ""))[:1000])
+    return False, exc
+
+
 @contextlib.contextmanager
 def model_lock(dest: Path) -> Iterator[None]:
     """Hold the download lock of ``dest`` (waits for another holder; breaks stale locks)."""

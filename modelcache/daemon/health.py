@@ -42,8 +42,9 @@ import torch
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2
 
+from modelcache.daemon.admission import ServedModel
 from modelcache.daemon.registry import ModelRegistry, ModelState
-from modelcache.daemon.servicer import SERVICE, ServedModel
+from modelcache.daemon.servicer import SERVICE
 from modelcache.metrics import DEVICE_MEMORY_BYTES, WORKER_RESTARTS
 
 log = logging.getLogger(__name__)

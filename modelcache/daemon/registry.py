@@ -19,24 +19,25 @@ removed ones leave the registry at once (listeners hear REMOVED and drain them);
 model keeps its loaded weights READY while the new spec loads (``ModelEntry.update``), and
 only a verified load replaces them; unchanged models are not touched. A load started for a
 spec that changed meanwhile is discarded and the current spec is loaded instead.
+
+What it says of each model is a frozen ``ModelEntry`` (entries.py), safe on any thread.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 from modelcache.config import DaemonConfig, ModelSpec
 from modelcache.daemon.changes import ConfigChanges, diff
+from modelcache.daemon.entries import Listener, ModelEntry, ModelState
 from modelcache.daemon.errors import ModelLoadError
-from modelcache.daemon.fetch import fetch_state
+from modelcache.daemon.fetch import missing_reason
 from modelcache.daemon.globalstate import LOAD_LOCK
 from modelcache.daemon.loader import (
     LoadedModel,
@@ -48,45 +49,11 @@ from modelcache.daemon.loader import (
 from modelcache.daemon.loadthread import Backoff, LoadThread, RetryTimers
 from modelcache.metrics import MODEL_LOADED, record_served
 
+__all__ = ["DOWNLOAD_POLL_S", "Listener", "ModelEntry", "ModelRegistry", "ModelState"]
+
 log = logging.getLogger(__name__)
 #: Seconds between looks at a model the fetch container is still downloading.
 DOWNLOAD_POLL_S = 5.0
-
-
-class ModelState(enum.Enum):
-    PENDING = "pending"
-    LOADING = "loading"
-    READY = "ready"
-    FAILED = "failed"
-    REMOVED = "removed"  # only ever heard by listeners: the entry is gone
-
-
-@dataclass(frozen=True)
-class ModelEntry:
-    """A point-in-time view of one configured model, safe to hand to other threads.
-
-    ``spec`` is what is served when READY, else what is being loaded. ``update`` is a
-    changed spec being loaded (or failing to) while ``spec``'s weights keep serving.
-    ``failures`` counts consecutive failed attempts at the wanted spec; ``next_retry``
-    (time.time()) is when the next automatic attempt runs, None when none is scheduled.
-    """
-
-    spec: ModelSpec
-    state: ModelState
-    loaded: LoadedModel | None = None
-    error: str = ""
-    error_class: str = ""
-    stage_seconds: dict[str, float] = field(default_factory=dict)
-    failures: int = 0
-    next_retry: float | None = None
-    update: ModelSpec | None = None
-
-    @property
-    def wanted(self) -> ModelSpec:
-        return self.update or self.spec
-
-
-Listener = Callable[[str, ModelState], None]
 
 
 def _prepare(spec: ModelSpec, config: DaemonConfig) -> PreparedModel:
@@ -347,7 +314,7 @@ class ModelRegistry:
             old = self._entries.get(name)
             if old is None or self._generation.get(name) != generation:
                 return
-            waiting, exc = self._downloading(old.wanted, exc)
+            waiting, exc = missing_reason(self.config.model_root, old.wanted, exc)
             failures = old.failures + (0 if waiting else 1)
             if self.backoff is not None:
                 delay = DOWNLOAD_POLL_S if waiting else self.backoff.delay(failures)
@@ -368,20 +335,6 @@ class ModelRegistry:
         if delay is not None:
             log.info("model %s: retry %d in %.0fs", name, failures + 1, delay)
             self._timers.schedule(name, delay, lambda: self._retry(name, generation))
-
-    def _downloading(self, spec: ModelSpec, exc: ModelLoadError) -> tuple[bool, ModelLoadError]:
-        """A hub model missing from the volume: is the fetch container still downloading it
-        (not a failure: PENDING, looked at again soon), or did it fail (its reason)?"""
-        if exc.error_class != "not_found" or self.config.model_root is None:
-            return False, exc
-        state = fetch_state(self.config.model_root, spec)
-        if state is None:
-            return False, exc
-        if state.get("state") == "downloading":
-            return True, ModelLoadError("downloading", "being downloaded by the fetch container")
-        if state.get("state") == "failed":
-            return False, ModelLoadError("download", str(state.get("error", ""))[:1000])
-        return False, exc
 
     def _retry(self, name: str, generation: int) -> None:
         with self._lock:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import os
 import signal
@@ -35,22 +34,20 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
-import torch
 from grpc_health.v1 import health
 from grpc_reflection.v1alpha import reflection
 
 from modelcache.config import DaemonConfig
-from modelcache.daemon.batcher import Batcher
 from modelcache.daemon.changes import ConfigChanges
 from modelcache.daemon.health import SERVING, HealthReporter, Watchdog, health_handler
-from modelcache.daemon.inference import ModelCompute, set_tf32
+from modelcache.daemon.inference import set_tf32
 from modelcache.daemon.live import ConfigWatcher, config_hash
 from modelcache.daemon.loader import record_build_info
 from modelcache.daemon.loadthread import Backoff
 from modelcache.daemon.probes import Heartbeat, ProbeApp, ProbeServer
 from modelcache.daemon.registry import ModelRegistry, ModelState
-from modelcache.daemon.servicer import SERVICE, ModelCacheServicer, ServedModel
-from modelcache.metrics import forget_model
+from modelcache.daemon.servicer import SERVICE, ModelCacheServicer
+from modelcache.daemon.workers import ModelWorkers, freeze_when_ready
 from modelcache.settings import DaemonSettings
 
 log = logging.getLogger(__name__)
@@ -139,10 +136,18 @@ class DaemonServer:
         self.watchdog = Watchdog(
             self.servicer.served, self.reporter, s.watchdog_interval, self._device_lost
         )
-        self.registry.add_listener(self._on_state)
+        self.workers = ModelWorkers(
+            self.registry,
+            self.servicer,
+            self.reporter,
+            lambda: self.config.batching,
+            self.watchdog.wake,
+            s.drain_s,
+        )
+        self.registry.add_listener(self.workers.on_state)
         for entry in self.registry.entries():
             if entry.state is ModelState.READY:
-                self._on_state(entry.spec.name, entry.state)
+                self.workers.on_state(entry.spec.name, entry.state)
         await self.reporter.publish()
 
         limit = s.grpc_max_message_bytes
@@ -218,7 +223,7 @@ class DaemonServer:
 
     def apply(self, config: DaemonConfig, digest: str) -> ConfigChanges:
         """A new configuration, live (a thread, never the event loop): the registry adds,
-        removes and reloads models (their batchers follow in ``_on_state``); batching limits
+        removes and reloads models (their workers follow: workers.py); batching limits
         and the log level apply at once."""
         with self._apply_lock:
             changes = self.registry.apply(config)
@@ -241,89 +246,11 @@ class DaemonServer:
             served.batcher.stop()
         self.executor.shutdown(wait=True, cancel_futures=True)
 
-    def _on_state(self, name: str, state: ModelState) -> None:
-        """Registry listener (loader thread, or the thread applying a config): a READY model
-        gets its worker — a new one, replacing the old, when its weights changed; a model
-        that leaves READY, or the configuration, loses it. Then health is republished."""
-        if self.reporter.closed:
-            return
-        if state is ModelState.READY:
-            try:
-                loaded = self.registry.entry(name).loaded
-            except KeyError:  # removed meanwhile
-                loaded = None
-            current = self.servicer.served().get(name)
-            if loaded is not None and (current is None or current.compute.loaded is not loaded):
-                compute = ModelCompute(loaded)
-                method = "Embed" if loaded.spec.task == "embedding" else "LogProbs"
-                batcher = Batcher(
-                    name, method, compute.run, self.config.batching, on_death=self.watchdog.wake
-                )
-                batcher.start()
-                self.servicer.attach(name, ServedModel(compute, batcher))
-                if current is not None:
-                    self._retire(name, current, gone=False)
-        elif (old := self.servicer.detach(name)) is not None:
-            self._retire(name, old, gone=state is ModelState.REMOVED)
-        elif state is ModelState.REMOVED:
-            forget_model(name)
-        self.reporter.refresh()
-
-    def _retire(self, name: str, old: ServedModel, gone: bool) -> None:
-        """Drain ``old`` (every admitted request is answered) and free its weights, on a
-        thread of its own: a batch may be running, and the caller is the loader."""
-
-        holder = [old]  # the thread's only reference, dropped before the memory is released
-
-        def run() -> None:
-            try:
-                served = holder.pop()
-                drained = served.batcher.drain(self.settings.drain_s)
-                device = served.compute.device
-                del served
-                if gone and name not in self.registry.names():
-                    forget_model(name)
-                release_memory(device)
-                log.info(
-                    "model %s: %s weights released%s",
-                    name,
-                    "its" if gone else "the old",
-                    ""
-                    if drained
-                    else f" (requests still queued after {self.settings.drain_s:.0f}s failed)",
-                )
-            except Exception:
-                log.exception("model %s: retiring its old worker failed", name)
-
-        del old
-        threading.Thread(target=run, name=f"retire-{name}", daemon=True).start()
-
-
-def _freeze_when_ready(name: str, state: ModelState) -> None:
-    """Registry listener of the serving process: once a model is loaded, everything alive
-    (torch, transformers, the model's modules: ~400k objects with MiniLM) moves out of the
-    garbage collector's reach. Otherwise every full collection under load walks all of it
-    (170-200 ms measured), and every request in flight waits: that pause was the p99 of
-    the refusals under overload. Collected first, so no garbage is frozen."""
-    if state is ModelState.READY:
-        gc.collect()
-        gc.freeze()
-
-
-def release_memory(device: torch.device) -> None:
-    """Give a dropped model's memory back: a full collection (over the objects frozen by
-    ``_freeze_when_ready`` too, for any cycle holding tensors), then CUDA's cached blocks."""
-    gc.unfreeze()
-    gc.collect()
-    gc.freeze()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
 
 async def _run(server: DaemonServer) -> None:
     await server.start()
     server.start_metrics()
-    server.registry.add_listener(_freeze_when_ready)
+    server.registry.add_listener(freeze_when_ready)
     server.registry.start_all()
     watcher = None
     if server.settings.config is not None:
