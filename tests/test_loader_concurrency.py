@@ -178,3 +178,88 @@ def test_racing_from_pretrained_threads_cannot_hurt_a_later_load(tmp_path: Path,
             assert torch.equal(v, ref_state[k]), k
     finally:
         globalstate.check_and_restore()
+
+
+def test_a_streamed_read_leaves_the_load_lock_free(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reads and copies of a streamed load run without LOAD_LOCK (a load onto another
+    device may build meanwhile), and the load is still bit-exact and fully verified."""
+    from modelcache.daemon import streaming
+
+    monkeypatch.setenv("MODELCACHE_STREAMING_LOAD", "1")
+    path = tiny_models.llama(tmp_path / "llama")
+    free_during_run: list[bool] = []
+    real = streaming.Stream.run
+
+    def probed(self: streaming.Stream) -> int:
+        got: list[bool] = []
+
+        def probe() -> None:  # another thread, as another device's loader would be
+            ok = globalstate.LOAD_LOCK.acquire(timeout=2)
+            got.append(ok)
+            if ok:
+                globalstate.LOAD_LOCK.release()
+
+        t = threading.Thread(target=probe)
+        t.start()
+        t.join()
+        free_during_run.extend(got)
+        return real(self)
+
+    monkeypatch.setattr(streaming.Stream, "run", probed)
+    entry = load_one(path, "causal-lm")
+    assert entry.state is ModelState.READY, entry.error
+    assert free_during_run == [True]
+    monkeypatch.setenv("MODELCACHE_STREAMING_LOAD", "0")
+    whole = load_one(path, "causal-lm")
+    assert whole.loaded is not None and entry.loaded is not None
+    assert whole.loaded.fingerprint == entry.loaded.fingerprint
+
+
+class _Lanes:
+    """A stand-in for loader.load_model that records which loads ran at the same time."""
+
+    def __init__(self, hold: float) -> None:
+        self.hold, self.lock = hold, threading.Lock()
+        self.running: set[str] = set()
+        self.together: list[set[str]] = []
+
+    def __call__(self, prepared: object) -> object:
+        name = prepared.spec.name  # type: ignore[attr-defined]
+        with self.lock:
+            self.running.add(name)
+            if len(self.running) > 1:
+                self.together.append(set(self.running))
+        threading.Event().wait(self.hold)
+        with self.lock:
+            self.running.discard(name)
+        raise ModelLoadError("internal", f"{name}: the stand-in loads nothing")
+
+
+def test_loads_onto_different_devices_overlap_and_one_device_loads_one_at_a_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from types import SimpleNamespace
+
+    from modelcache.daemon import registry as reg
+
+    lanes = _Lanes(hold=1.0)
+    monkeypatch.setattr(reg, "load_model", lanes)
+    monkeypatch.setattr(reg, "_prepare", lambda spec, config: SimpleNamespace(spec=spec))
+    devices = {"a": "cuda", "b": "cuda:0", "c": "cuda:1", "d": "cpu"}
+    models = [
+        {"name": n, "source": f"/nowhere/{n}", "task": "embedding", "device": d}
+        for n, d in devices.items()
+    ]
+    registry = ModelRegistry(parse_config({"models": models}))
+    entries = registry.load_all()
+    assert {e.state for e in entries} == {ModelState.FAILED}
+    assert all(registry.load_count[n] == 1 for n in devices)
+    # a and b are one GPU (cuda is cuda:0): never together; c and d overlap with them.
+    assert lanes.together, "no two loads ever ran at the same time"
+    assert not any({"a", "b"} <= group for group in lanes.together)
+    assert any("c" in group for group in lanes.together)
+    assert any("d" in group for group in lanes.together)
+    assert registry.idle()
+    registry.close()

@@ -32,13 +32,13 @@ def _load(path: Path, arch: Arch, monkeypatch: pytest.MonkeyPatch, stream: bool,
         m.setenv("MODELCACHE_LOAD_BUFFERS", "2")
         m.setenv("MODELCACHE_LOAD_BUFFER_MIB", "1")
         calls: list[int] = []
-        real = streaming.stream_into
+        real = streaming.Stream.run
 
-        def counted(*a: Any) -> int:
+        def counted(self: streaming.Stream) -> int:
             calls.append(1)
-            return real(*a)
+            return real(self)
 
-        m.setattr(streaming, "stream_into", counted)
+        m.setattr(streaming.Stream, "run", counted)
         entry = load_one(path, arch.task, **_spec(arch, **kw))
     assert entry.state is ModelState.READY, entry.error
     assert calls == ([1] if stream else []), "the path under test did not run"

@@ -1,7 +1,7 @@
 """Loading one model: resolve → read → materialize → verify → warmup, with metrics.
 
-``prepare_model`` (resolve) runs on the main thread; ``load_model`` runs the rest under
-the process-wide ``LOAD_LOCK``, bracketed by global-state checks (see globalstate). The
+``prepare_model`` (resolve) runs on the main thread; ``load_model`` runs the rest, under
+the process-wide ``LOAD_LOCK`` except for a streamed read (see below and globalstate). The
 result holds no reference to the checkpoint files: weights live in memory the process
 owns (see weights), so the files can be rewritten or deleted while the model serves.
 
@@ -11,19 +11,23 @@ into parameters allocated on the device (the CUDA default; see streaming). Eithe
 memory it will take is checked first (hostmem) and a model that does not fit fails as
 ``out_of_memory`` before anything is allocated.
 
-Loads on different devices do not overlap. Building a model (transformers' patches of
-torch.nn.init and friends, our ``register_parameter`` hook) must not overlap another load,
-because globalstate's check before and after each load would undo the other's patches
-mid-build; only the stream (reads and copies) could run unlocked, and the registry's single
-loader thread runs one load at a time anyway (see loadthread): a second GPU's load waits
-until the first has streamed, verified and warmed up.
+Loads onto different devices overlap where that is safe. Building a model (transformers'
+patches of torch.nn.init and friends, our ``register_parameter`` hook), placing the rest,
+tying weights, verifying and warming up run under ``LOAD_LOCK``, each stretch bracketed by
+the global-state checks, because a concurrent build would see (or undo) another's patches.
+A streamed load's reads and copies touch no process-global state and run without the lock
+(``streaming.Stream``): with the registry's loader per device (registry.py), a load onto
+``cuda:1`` streams while another onto ``cuda:0`` builds. The whole-shard path (CPU) holds
+the lock throughout; loads onto one device stay one at a time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import platform
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -151,6 +155,18 @@ def _check_globals(name: str) -> None:
         )
 
 
+@contextlib.contextmanager
+def _global_phase(name: str) -> Iterator[None]:
+    """A stretch of a load that builds or changes modules: under LOAD_LOCK, bracketed by
+    the global-state checks (whatever changed them meanwhile is restored and counted)."""
+    with globalstate.LOAD_LOCK:
+        _check_globals(name)
+        try:
+            yield
+        finally:
+            _check_globals(name)
+
+
 def streams(device: torch.device) -> bool:
     """Whether this load goes through the streaming ring (MODELCACHE_STREAMING_LOAD; by
     default on CUDA only: on the CPU whole-shard reads with zero-copy views are faster)."""
@@ -195,46 +211,49 @@ def _load(prepared: PreparedModel, stages: dict[str, float]) -> LoadedModel:
     files = {t.name: (t, shard.path) for shard in prepared.shards for t in shard.tensors}
     shapes = {k: t.shape for k, t in infos.items()}
     streamed = streams(device)
+    with _global_phase(spec.name):
+        if streamed:
+            streaming.check_memory(prepared.shards, device, dtype)
+            model = construct_on(prepared, device, dtype)
+        else:
+            _check_whole_read(prepared, device, dtype)
+            model = construct(prepared)
+        plan = plan_conversion(model, shapes)
+        keys.check_plan(model, prepared, plan, infos)
+        # Building and planning is materialize time (the stage names are a metric's labels).
+        planned, clock = time.perf_counter() - clock, time.perf_counter()
+        if streamed:
+            stream = streaming.Stream(
+                prepared.shards, plan, destinations(model, plan, dtype, device), device
+            )
+        else:
+            stages["read"] = _read_whole(prepared, model, plan, device, dtype)
     if streamed:
-        streaming.check_memory(prepared.shards, device, dtype)
-        model = construct_on(prepared, device, dtype)
-    else:
-        _check_whole_read(prepared, device, dtype)
-        model = construct(prepared)
-    plan = plan_conversion(model, shapes)
-    keys.check_plan(model, prepared, plan, infos)
-    # Building and planning is materialize time (the stage names are a metric's labels).
-    planned, clock = time.perf_counter() - clock, time.perf_counter()
-
-    if streamed:
-        # Reads and copies overlap: the whole stream counts as read.
-        streaming.stream_into(
-            prepared.shards, plan, destinations(model, plan, dtype, device), device
-        )
+        stream.run()  # reads and copies overlap; unlocked: see the module docstring
         stages["read"], clock = time.perf_counter() - clock, time.perf_counter()
-        finish(model, prepared, plan, dict(shapes), device, dtype)
-    else:
-        stages["read"] = _read_whole(prepared, model, plan, device, dtype)
-    model.eval()
-    model.requires_grad_(False)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    stages["materialize"], clock = planned + time.perf_counter() - clock, time.perf_counter()
+    with _global_phase(spec.name):
+        if streamed:
+            finish(model, prepared, plan, dict(shapes), device, dtype)
+        model.eval()
+        model.requires_grad_(False)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        stages["materialize"], clock = planned + time.perf_counter() - clock, time.perf_counter()
 
-    verify.check_placement(model, spec.name, device, param_dtypes(model, dtype))
-    verify.check_finite(model)
-    live = model.state_dict()
-    views = live_views(plan, live, {k: t.shape for k, t in infos.items()})
-    digest = verify.fingerprint(views, {c: files[c] for c in views})
-    recipe = prepared.recipe
-    if recipe is not None and recipe.dense:
-        # The projection is part of the served model: its weights enter the fingerprint.
-        digest = stmodules.fingerprint(digest, recipe)
-        recipe = stmodules.on_device(recipe, device, dtype)
-    stages["verify"], clock = time.perf_counter() - clock, time.perf_counter()
+        verify.check_placement(model, spec.name, device, param_dtypes(model, dtype))
+        verify.check_finite(model)
+        live = model.state_dict()
+        views = live_views(plan, live, {k: t.shape for k, t in infos.items()})
+        digest = verify.fingerprint(views, {c: files[c] for c in views})
+        recipe = prepared.recipe
+        if recipe is not None and recipe.dense:
+            # The projection is part of the served model: its weights enter the fingerprint.
+            digest = stmodules.fingerprint(digest, recipe)
+            recipe = stmodules.on_device(recipe, device, dtype)
+        stages["verify"], clock = time.perf_counter() - clock, time.perf_counter()
 
-    canary = verify.canary(model, prepared.tokenizer, spec.task, device)
-    stages["warmup"] = time.perf_counter() - clock
+        canary = verify.canary(model, prepared.tokenizer, spec.task, device)
+        stages["warmup"] = time.perf_counter() - clock
 
     text_cfg = prepared.config.get_text_config()
     if spec.task == "causal-lm":
@@ -274,12 +293,7 @@ def load_model(prepared: PreparedModel) -> LoadedModel:
     stages = {"resolve": prepared.resolve_seconds}
     started = time.perf_counter()
     try:
-        with globalstate.LOAD_LOCK:
-            _check_globals(name)
-            try:
-                loaded = _load(prepared, stages)
-            finally:
-                _check_globals(name)
+        loaded = _load(prepared, stages)
     except ModelLoadError as exc:
         count_failure(name, exc.error_class)
         raise

@@ -1,5 +1,5 @@
-"""The one thread that loads models: started when there is a load to run, gone when there is
-none, and retries of failed loads on a capped exponential backoff.
+"""A thread that loads models (one per device): started when there is a load to run, gone
+when there is none; and retries of failed loads on a capped exponential backoff.
 
 Why a thread that exits: the thread that runs a model's warm-up forward owns an OpenMP pool,
 and while it lives libgomp counts more threads than cores and throttles the spin-waits of
@@ -7,8 +7,10 @@ every team, the batch workers' included (forward passes measured 20-35 % slower 
 A daemon whose model set changes at run time loads at any time, so the loader cannot simply
 be shut down after the first round: it ends whenever its queue is empty.
 
-Why one thread: transformers' loading patches process globals (see globalstate.py), so two
-loads must never overlap; the queue also keeps the configured order.
+Why one thread per device (the registry keeps one ``LoadThread`` for each): a device takes
+one load at a time, in configured order; loads onto different devices may overlap only in
+their streamed reads, because transformers' loading patches process globals (see
+globalstate.py and loader.py's ``LOAD_LOCK`` stretches).
 """
 
 from __future__ import annotations

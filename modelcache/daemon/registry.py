@@ -4,9 +4,11 @@ Guarantees (see seeds 000 and 003):
 - one load per model, whatever the number of callers: every caller of ``get``/``aget``
   for a model that is not loaded waits on the same Future and receives the same object
   or the same exception;
-- loads never overlap: they run one at a time on a single loader thread (loadthread.py,
-  and under the process-wide lock in ``loader``), because transformers' loading patches
-  process globals;
+- loads onto one device run one at a time, on that device's loader thread (loadthread.py;
+  ``cpu``, ``cuda:0``, ``cuda:1``: one queue each, in configured order), and every stretch
+  of a load that builds modules holds the process-wide lock in ``loader``, because
+  transformers' loading patches process globals; only the streamed reads and copies of
+  loads onto different devices overlap;
 - a failed load is recorded, not cached forever: it is retried on a capped exponential
   backoff (``Backoff``; the attempts and the next retry are in the entry), and the next
   ``get`` retries it at once;
@@ -56,6 +58,11 @@ log = logging.getLogger(__name__)
 DOWNLOAD_POLL_S = 5.0
 
 
+def device_lane(device: str) -> str:
+    """The loader queue of a device string: ``cuda`` and ``cuda:0`` are one GPU."""
+    return "cuda:0" if device == "cuda" else device
+
+
 def _prepare(spec: ModelSpec, config: DaemonConfig) -> PreparedModel:
     """prepare_model with every unexpected exception turned into a classified failure:
     a malformed config.json must fail that model, not the daemon."""
@@ -81,7 +88,8 @@ class ModelRegistry:
         self._prepared: dict[str, tuple[ModelSpec, PreparedModel]] = {}
         self._inflight: dict[str, Future[LoadedModel]] = {}
         self._listeners: list[Listener] = []
-        self._loader = LoadThread(self._run_load)
+        self._loaders: dict[str, LoadThread] = {}  # one per device, made on first use
+        self._closed = False
         self._timers = RetryTimers()
         self.load_count: dict[str, int] = dict.fromkeys(self._entries, 0)
 
@@ -177,7 +185,7 @@ class ModelRegistry:
             # not cancel the load for everybody else.
             fut.set_running_or_notify_cancel()
             self._inflight[name] = fut
-        if not self._loader.submit(name):
+        if not self._submit(name):
             with self._lock:
                 self._inflight.pop(name, None)
             fut.set_exception(ModelLoadError("internal", "the daemon is shutting down"))
@@ -208,20 +216,39 @@ class ModelRegistry:
 
     def idle(self) -> bool:
         """No load queued or running."""
-        return not self._loader.busy()
+        with self._lock:
+            loaders = list(self._loaders.values())
+        return not any(loader.busy() for loader in loaders)
 
     def close(self) -> None:
         """Stop loading: queued loads are dropped and their waiters get an error at once;
         a load already running finishes in the background (it cannot be interrupted)."""
         self._timers.close()
-        dropped = self._loader.close()
+        with self._lock:
+            self._closed = True
+            loaders = list(self._loaders.values())
+        dropped = [name for loader in loaders for name in loader.close()]
         with self._lock:
             futures = [self._inflight.pop(n) for n in dropped if n in self._inflight]
         for fut in futures:
             if not fut.done():
                 fut.set_exception(ModelLoadError("internal", "the daemon is shutting down"))
 
-    # -- the loader thread ------------------------------------------------------------
+    # -- the loader threads -----------------------------------------------------------
+    def _submit(self, name: str) -> bool:
+        """Queue a load of ``name`` on the loader of the device it is wanted on; False
+        once closed."""
+        with self._lock:
+            if self._closed:
+                return False
+            entry = self._entries.get(name)
+            lane = device_lane(entry.wanted.device) if entry is not None else "cpu"
+            loader = self._loaders.get(lane)
+            if loader is None:
+                loader = LoadThread(self._run_load, name=f"modelcache-loader-{lane}")
+                self._loaders[lane] = loader
+        return loader.submit(name)
+
     def _run_load(self, name: str) -> None:
         with self._lock:
             entry = self._entries.get(name)
@@ -246,11 +273,16 @@ class ModelRegistry:
             result = ModelLoadError("internal", f"{type(exc).__name__}: {exc}")
         with self._lock:
             current = self._generation.get(name) == generation and name in self._entries
-            if not current and name in self._entries:
-                del result  # superseded by a newer spec: load that one, same waiters
-                self._loader.submit(name)
-                return
-            self._inflight.pop(name, None)
+            superseded = not current and name in self._entries
+            if not superseded:
+                self._inflight.pop(name, None)
+        if superseded:
+            del result  # superseded by a newer spec: load that one, same waiters
+            if not self._submit(name):  # closed meanwhile: nobody will load it
+                with self._lock:
+                    self._inflight.pop(name, None)
+                fut.set_exception(ModelLoadError("internal", "the daemon is shutting down"))
+            return
         if not current:
             fut.set_exception(ModelLoadError("not_found", f"model {name} was removed"))
             return

@@ -15,6 +15,9 @@ buffer as its own staging (no pinning: a CPU-only torch cannot pin).
 A checkpoint tensor whose pieces are contiguous runs of their model tensors (renames, MoE
 experts stacked on dim 0, gate/up halves) is split freely across chunks; one that is
 sliced (a fused QKV split) arrives whole in one buffer, which then grows to fit it.
+
+A ``Stream`` is set up under the load lock (it allocates) and run without it (reads and
+copies only), so loads onto different devices overlap here and nowhere else (loader.py).
 """
 
 from __future__ import annotations
@@ -214,45 +217,71 @@ class Ring:
             self.stream.synchronize()
 
 
+class Stream:
+    """One streamed load in two steps. Set up (``__init__``: the chunk plan, the memory
+    check and the ring's allocation) while the caller holds the load lock, because
+    allocating goes through torch functions a concurrent model build may have patched; then
+    ``run``, the reads and copies, which touch no process-global state, so the loader runs
+    it without the lock and a load onto another device may build meanwhile."""
+
+    def __init__(
+        self,
+        shards: Sequence[Shard],
+        plan: Plan,
+        dests: dict[str, torch.Tensor],
+        device: torch.device,
+    ) -> None:
+        shapes = {t.name: t.shape for s in shards for t in s.tensors}
+        self.uses = uses_of(plan, dests, shapes)
+        count, size = ring_config(device)
+        self.chunks = plan_chunks(shards, self.uses, size)
+        size = max((c.end - c.start for c in self.chunks), default=0)
+        count = min(count, len(self.chunks))
+        hostmem.require_host(count * size, "the load ring")
+        self.ring: Ring | None = Ring(count, size, device)
+        self.ring_bytes = count * size
+
+    def run(self) -> int:
+        """Read every planned checkpoint tensor into its destination through the ring;
+        returns the ring's host bytes. Fails as corrupt_weights if a file cannot be read or
+        shrank. The ring is released either way (its pinned pages handed back)."""
+        ring, self.ring = self.ring, None
+        if ring is None:
+            raise RuntimeError("a Stream runs once")
+        count, uses = len(ring.host), self.uses
+        threads = read_threads()
+        fds: dict[Path, int] = {}
+        try:
+            with (
+                ThreadPoolExecutor(threads, thread_name_prefix="modelcache-read") as readers,
+                ThreadPoolExecutor(1, thread_name_prefix="modelcache-copy") as copier,
+            ):
+                for i, chunk in enumerate(self.chunks):
+                    k = i % count
+                    ring.wait(k)
+                    _read(chunk, ring.views[k], fds, readers if threads > 1 else None)
+                    ring.pending[k] = copier.submit(ring.copy, k, chunk, uses)
+                for k in range(count):
+                    ring.wait(k)
+        finally:
+            ring.close()
+            pinned = ring.stream is not None
+            del ring
+            if pinned:
+                hostmem.release_pinned()
+            for fd in fds.values():
+                os.close(fd)
+        return self.ring_bytes
+
+
 def stream_into(
     shards: Sequence[Shard],
     plan: Plan,
     dests: dict[str, torch.Tensor],
     device: torch.device,
 ) -> int:
-    """Read every planned checkpoint tensor into ``dests`` through the ring; returns the
-    ring's host bytes. Fails as corrupt_weights if a file cannot be read or shrank."""
-    shapes = {t.name: t.shape for s in shards for t in s.tensors}
-    uses = uses_of(plan, dests, shapes)
-    count, size = ring_config(device)
-    chunks = plan_chunks(shards, uses, size)
-    size = max((c.end - c.start for c in chunks), default=0)
-    count = min(count, len(chunks))
-    hostmem.require_host(count * size, "the load ring")
-    ring = Ring(count, size, device)
-    threads = read_threads()
-    fds: dict[Path, int] = {}
-    try:
-        with (
-            ThreadPoolExecutor(threads, thread_name_prefix="modelcache-read") as readers,
-            ThreadPoolExecutor(1, thread_name_prefix="modelcache-copy") as copier,
-        ):
-            for i, chunk in enumerate(chunks):
-                k = i % count
-                ring.wait(k)
-                _read(chunk, ring.views[k], fds, readers if threads > 1 else None)
-                ring.pending[k] = copier.submit(ring.copy, k, chunk, uses)
-            for k in range(count):
-                ring.wait(k)
-    finally:
-        ring.close()
-        pinned = ring.stream is not None
-        del ring
-        if pinned:
-            hostmem.release_pinned()
-        for fd in fds.values():
-            os.close(fd)
-    return count * size
+    """Set up and run a ``Stream`` at once (callers that hold the load lock throughout)."""
+    return Stream(shards, plan, dests, device).run()
 
 
 def _read(
