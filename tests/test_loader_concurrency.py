@@ -263,3 +263,32 @@ def test_loads_onto_different_devices_overlap_and_one_device_loads_one_at_a_time
     assert any("d" in group for group in lanes.together)
     assert registry.idle()
     registry.close()
+
+
+def test_a_superseded_load_meeting_a_closed_registry_fails_its_waiters(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The spec changes while its load runs (the load is superseded and must be redone),
+    and the daemon closes meanwhile: the waiters get an error, they do not wait for ever."""
+    from types import SimpleNamespace
+
+    from modelcache.daemon import registry as reg
+
+    started, release = threading.Event(), threading.Event()
+
+    def blocking_load(prepared: object) -> object:
+        started.set()
+        release.wait(10)
+        raise ModelLoadError("internal", "the stand-in loads nothing")
+
+    monkeypatch.setattr(reg, "load_model", blocking_load)
+    monkeypatch.setattr(reg, "_prepare", lambda spec, config: SimpleNamespace(spec=spec))
+    model = {"name": "m", "source": "/nowhere/m", "task": "embedding"}
+    registry = ModelRegistry(parse_config({"models": [model]}))
+    fut = registry.load_async("m")
+    assert started.wait(10)
+    registry.apply(parse_config({"models": [{**model, "max_length": 64}]}))
+    registry.close()
+    release.set()
+    with pytest.raises(ModelLoadError, match="shutting down"):
+        fut.result(timeout=10)
