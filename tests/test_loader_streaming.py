@@ -5,6 +5,7 @@ persistent and non-persistent buffers, dtypes, fingerprint and canary."""
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -146,3 +147,41 @@ def test_loader_streams_on_cuda_only_by_default(monkeypatch: pytest.MonkeyPatch)
     assert loader.streams(torch.device("cpu"))
     monkeypatch.setenv("MODELCACHE_STREAMING_LOAD", "0")
     assert not loader.streams(torch.device("cuda", 0))
+
+
+@pytest.mark.parametrize("where", ["read", "copy"])
+def test_a_failed_stream_frees_its_ring_before_handing_pinned_pages_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """A read or copy that fails mid-stream: the error's frames held a ring buffer (the
+    read's view, the copier's ring), so on CUDA the buffers went back to torch's host cache
+    only after ``release_pinned`` ran, and stayed page-locked. They must be gone by then."""
+    import tiny_models
+
+    from modelcache.daemon import hostmem
+
+    monkeypatch.setenv("MODELCACHE_STREAMING_LOAD", "1")
+    monkeypatch.setenv("MODELCACHE_LOAD_BUFFERS", "2")
+    monkeypatch.setenv("MODELCACHE_LOAD_BUFFER_MIB", "1")
+    path = tiny_models.llama(tmp_path / "llama")
+    buffers: list[weakref.ref[torch.Tensor]] = []
+    real_init = streaming.Ring.__init__
+
+    def init(self: streaming.Ring, *a: Any) -> None:
+        real_init(self, *a)
+        buffers.extend(weakref.ref(b) for b in self.host)
+
+    def fail(*a: Any) -> Any:
+        raise OSError(5, "injected I/O error") if where == "read" else RuntimeError("injected")
+
+    alive_at_release: list[int] = []
+    monkeypatch.setattr(streaming.Ring, "__init__", init)
+    monkeypatch.setattr(streaming, "read_range" if where == "read" else "scatter", fail)
+    monkeypatch.setattr(
+        hostmem,
+        "release_pinned",
+        lambda: alive_at_release.append(sum(r() is not None for r in buffers)),
+    )
+    entry = load_one(path, "causal-lm")
+    assert entry.state is ModelState.FAILED and "injected" in entry.error, entry.error
+    assert buffers and alive_at_release == [0]

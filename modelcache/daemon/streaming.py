@@ -248,30 +248,52 @@ class Stream:
         ring, self.ring = self.ring, None
         if ring is None:
             raise RuntimeError("a Stream runs once")
-        count, uses = len(ring.host), self.uses
-        threads = read_threads()
         fds: dict[Path, int] = {}
+        error: BaseException | None = None
         try:
-            with (
-                ThreadPoolExecutor(threads, thread_name_prefix="modelcache-read") as readers,
-                ThreadPoolExecutor(1, thread_name_prefix="modelcache-copy") as copier,
-            ):
-                for i, chunk in enumerate(self.chunks):
-                    k = i % count
-                    ring.wait(k)
-                    _read(chunk, ring.views[k], fds, readers if threads > 1 else None)
-                    ring.pending[k] = copier.submit(ring.copy, k, chunk, uses)
-                for k in range(count):
-                    ring.wait(k)
-        finally:
+            self._pump(ring, fds)
+        except BaseException as exc:  # raised again below, once the ring is gone
+            error = _without_frames(exc)
+        try:
             ring.close()
-            pinned = ring.stream is not None
-            del ring
-            if pinned:
-                hostmem.release_pinned()
+        finally:
+            del ring  # the last reference: its buffers are freed here, failed or not
+            hostmem.release_pinned()
             for fd in fds.values():
                 os.close(fd)
+        if error is not None:
+            raise error
         return self.ring_bytes
+
+    def _pump(self, ring: Ring, fds: dict[Path, int]) -> None:
+        count, uses, threads = len(ring.host), self.uses, read_threads()
+        with (
+            ThreadPoolExecutor(threads, thread_name_prefix="modelcache-read") as readers,
+            ThreadPoolExecutor(1, thread_name_prefix="modelcache-copy") as copier,
+        ):
+            for i, chunk in enumerate(self.chunks):
+                k = i % count
+                ring.wait(k)
+                _read(chunk, ring.views[k], fds, readers if threads > 1 else None)
+                ring.pending[k] = copier.submit(ring.copy, k, chunk, uses)
+            for k in range(count):
+                ring.wait(k)
+
+
+def _without_frames(exc: BaseException) -> BaseException:
+    """``exc`` and the exceptions chained to it, stripped of their tracebacks: a failed
+    read's frames hold a ring buffer (``_read``'s view, ``Ring.copy``'s ``self``), and the
+    error outlives the load (the registry keeps it), which would keep the pinned ring alive
+    and page-locked after ``release_pinned``."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        link = todo.pop()
+        if link is not None and id(link) not in seen:
+            seen.add(id(link))
+            link.__traceback__ = None
+            todo += [link.__cause__, link.__context__]
+    return exc
 
 
 def stream_into(
