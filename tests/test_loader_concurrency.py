@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -253,6 +254,8 @@ def test_loads_onto_different_devices_overlap_and_one_device_loads_one_at_a_time
         for n, d in devices.items()
     ]
     registry = ModelRegistry(parse_config({"models": models}))
+    idle_calls: list[tuple[bool, set[str]]] = []
+    registry.add_idle_listener(lambda: idle_calls.append((registry.idle(), set(lanes.running))))
     entries = registry.load_all()
     assert {e.state for e in entries} == {ModelState.FAILED}
     assert all(registry.load_count[n] == 1 for n in devices)
@@ -262,6 +265,12 @@ def test_loads_onto_different_devices_overlap_and_one_device_loads_one_at_a_time
     assert any("c" in group for group in lanes.together)
     assert any("d" in group for group in lanes.together)
     assert registry.idle()
+    # The idle listener (the serve process freezes its heap there) runs once no loader of
+    # any device has work: never while another device's load is half done.
+    deadline = time.monotonic() + 10
+    while not idle_calls and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert idle_calls and all(idle and not running for idle, running in idle_calls)
     registry.close()
 
 
@@ -292,3 +301,75 @@ def test_a_superseded_load_meeting_a_closed_registry_fails_its_waiters(
     release.set()
     with pytest.raises(ModelLoadError, match="shutting down"):
         fut.result(timeout=10)
+
+
+def test_a_load_moved_to_another_device_while_queued_runs_on_that_device(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """x waits on cuda:0 behind y; its spec moves to cuda:1 meanwhile: x's load runs on
+    cuda:1's loader (so it never overlaps another cuda:1 load), once."""
+    from types import SimpleNamespace
+
+    from modelcache.daemon import registry as reg
+
+    release = threading.Event()
+    threads: dict[str, str] = {}
+
+    def load(prepared: object) -> object:
+        spec = prepared.spec  # type: ignore[attr-defined]
+        threads[spec.name] = f"{threading.current_thread().name} for {spec.device}"
+        if spec.name == "y":
+            release.wait(10)
+        raise ModelLoadError("internal", "the stand-in loads nothing")
+
+    monkeypatch.setattr(reg, "load_model", load)
+    monkeypatch.setattr(reg, "_prepare", lambda spec, config: SimpleNamespace(spec=spec))
+    y = {"name": "y", "source": "/nowhere/y", "task": "embedding", "device": "cuda:0"}
+    x = {**y, "name": "x", "source": "/nowhere/x"}
+    registry = ModelRegistry(parse_config({"models": [y, x]}))
+    futures = registry.start_all()
+    deadline = time.monotonic() + 10
+    while "y" not in threads and time.monotonic() < deadline:
+        time.sleep(0.01)
+    registry.apply(parse_config({"models": [y, {**x, "device": "cuda:1"}]}))
+    release.set()
+    for fut in futures:
+        with contextlib.suppress(ModelLoadError):
+            fut.result(10)
+    assert threads["x"] == "modelcache-loader-cuda:1 for cuda:1"
+    assert registry.load_count["x"] == 1
+    registry.close()
+
+
+def test_a_loader_thread_that_cannot_start_fails_its_load_and_the_next_one_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A pids limit refuses a thread: the waiters get that reason at once (not a Future
+    pending for ever), and the device's loader is not left marked busy."""
+    from types import SimpleNamespace
+
+    from modelcache.daemon import registry as reg
+
+    def load(prepared: object) -> object:
+        raise ModelLoadError("internal", "the stand-in loads nothing")
+
+    monkeypatch.setattr(reg, "load_model", load)
+    monkeypatch.setattr(reg, "_prepare", lambda spec, config: SimpleNamespace(spec=spec))
+    real_start = threading.Thread.start
+    refused: list[str] = []
+
+    def start(self: threading.Thread) -> None:
+        if self.name.startswith("modelcache-loader") and not refused:
+            refused.append(self.name)
+            raise RuntimeError("can't start new thread")
+        real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    model = {"name": "m", "source": "/nowhere/m", "task": "embedding"}
+    registry = ModelRegistry(parse_config({"models": [model]}))
+    with pytest.raises(ModelLoadError, match="cannot start a loader thread"):
+        registry.load_async("m").result(timeout=5)
+    assert refused and registry.idle()
+    with pytest.raises(ModelLoadError, match="stand-in"):
+        registry.load_async("m").result(timeout=10)
+    registry.close()

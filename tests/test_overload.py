@@ -294,18 +294,17 @@ def test_retrying_clients_converge_under_overload(
     assert set(retries) == {"RESOURCE_EXHAUSTED"} and sum(retries.values()) >= 32
 
 
-def test_the_serving_process_freezes_its_heap_when_a_model_is_ready() -> None:
+def test_the_serving_process_freezes_its_heap_once_no_load_runs() -> None:
     """Full collections over the ~400k objects torch, transformers and a model leave alive
     paused the daemon for 170-280 ms under load (gc callbacks in the serve process), and
-    every request in flight with it; frozen, they are never walked again."""
-    from modelcache.daemon.registry import ModelState
-    from modelcache.daemon.workers import freeze_when_ready
+    every request in flight with it; frozen, they are never walked again. The serve process
+    calls this when the registry's loads have all ended (test_loader_concurrency checks
+    when that is)."""
+    from modelcache.daemon.workers import freeze_heap
 
     assert gc.get_freeze_count() == 0
     try:
-        freeze_when_ready("m", ModelState.LOADING)
-        assert gc.get_freeze_count() == 0
-        freeze_when_ready("m", ModelState.READY)
+        freeze_heap()
         assert gc.get_freeze_count() > 1000
     finally:
         gc.unfreeze()

@@ -7,10 +7,12 @@ default dtype, and can leave them swapped *after* every call returned: ``tie_wei
 a no-op, ``torch.nn.init.*`` no-ops, ``torch.linspace`` patched, default dtype bfloat16.
 A later, perfectly serial load then builds a model with a meta or random ``lm_head``.
 
-modelcache serialises its own loads (``LOAD_LOCK``), but third-party code in the same
-process may not. So every load is bracketed by ``check_and_restore``: it compares each
-tracked attribute with the value captured at import (on the main thread, before any
-worker exists), puts back what differs, and reports it so it can be counted.
+modelcache never builds two models at once (``LOAD_LOCK``: every stretch of a load that
+builds or changes modules holds it; only a streamed load's reads and copies run outside it,
+see loader.py), but third-party code in the same process may not. So every such stretch is
+bracketed by ``check_and_restore``: it compares each tracked attribute with the value
+captured at import (on the main thread, before any worker exists), puts back what differs,
+and reports it so it can be counted.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import transformers  # noqa: F401  - imported eagerly on the main thread (seed 0
 from transformers import initialization as hf_init
 from transformers.modeling_utils import PreTrainedModel
 
-#: Every load in this process holds this lock for its whole duration.
+#: Held by every stretch of a load that builds or changes modules (loader._global_phase).
 LOAD_LOCK = threading.RLock()
 
 _PRETRAINED_METHODS = (

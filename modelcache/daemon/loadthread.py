@@ -39,24 +39,37 @@ class Backoff:
 class LoadThread:
     """Runs ``job(item)`` for queued items, one at a time, on a thread that exists only while
     the queue is not empty. ``job`` must not raise (the registry's catches everything); if it
-    does anyway, the thread logs it and goes on with the next item."""
+    does anyway, the thread logs it and goes on with the next item. ``on_exit`` runs on the
+    thread as it ends, after it stopped counting as busy (so of several loaders ending at
+    once, the last to end sees every one idle)."""
 
-    def __init__(self, job: Callable[[str], None], name: str = "modelcache-loader") -> None:
-        self._job, self._name = job, name
+    def __init__(
+        self,
+        job: Callable[[str], None],
+        name: str = "modelcache-loader",
+        on_exit: Callable[[], None] | None = None,
+    ) -> None:
+        self._job, self._name, self._on_exit = job, name, on_exit
         self._lock = threading.Lock()
         self._queue: deque[str] = deque()
         self._thread: threading.Thread | None = None
         self._closed = False
 
     def submit(self, item: str) -> bool:
-        """Queue ``item``; False when closed."""
+        """Queue ``item``; False when closed. Raises RuntimeError, queueing nothing, when no
+        thread can start (a pids limit): the loader is not left marked busy for ever."""
         with self._lock:
             if self._closed:
                 return False
             self._queue.append(item)
             if self._thread is None:
-                self._thread = threading.Thread(target=self._main, name=self._name, daemon=True)
-                self._thread.start()
+                thread = threading.Thread(target=self._main, name=self._name, daemon=True)
+                try:
+                    thread.start()  # it waits for this lock before looking at the queue
+                except RuntimeError:
+                    self._queue.pop()
+                    raise
+                self._thread = thread
         return True
 
     def close(self) -> list[str]:
@@ -81,13 +94,18 @@ class LoadThread:
         while True:
             with self._lock:
                 if not self._queue:
-                    self._thread = None
-                    return
+                    self._thread = None  # not busy from here: see on_exit
+                    break
                 item = self._queue.popleft()
             try:
                 self._job(item)
             except BaseException:  # never let one item end the loop with work queued
                 log.exception("load of %s raised out of the loader", item)
+        if self._on_exit is not None:
+            try:
+                self._on_exit()
+            except Exception:
+                log.exception("the loader's exit hook failed")
 
 
 class RetryTimers:

@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import replace
 
@@ -88,6 +90,7 @@ class ModelRegistry:
         self._prepared: dict[str, tuple[ModelSpec, PreparedModel]] = {}
         self._inflight: dict[str, Future[LoadedModel]] = {}
         self._listeners: list[Listener] = []
+        self._idle_listeners: list[Callable[[], None]] = []
         self._loaders: dict[str, LoadThread] = {}  # one per device, made on first use
         self._closed = False
         self._timers = RetryTimers()
@@ -113,6 +116,11 @@ class ModelRegistry:
         """Called (from the loader thread, or the caller of ``apply``) on every state change,
         on a swap to new weights (READY again) and on removal (REMOVED)."""
         self._listeners.append(listener)
+
+    def add_idle_listener(self, listener: Callable[[], None]) -> None:
+        """Called on a loader thread whenever the last running load has ended (no loader
+        of any device has work): the moment nothing is half built."""
+        self._idle_listeners.append(listener)
 
     # -- queries --------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -185,10 +193,7 @@ class ModelRegistry:
             # not cancel the load for everybody else.
             fut.set_running_or_notify_cancel()
             self._inflight[name] = fut
-        if not self._submit(name):
-            with self._lock:
-                self._inflight.pop(name, None)
-            fut.set_exception(ModelLoadError("internal", "the daemon is shutting down"))
+        self._submit_or_fail(name, fut)
         return fut
 
     def get(self, name: str, timeout: float | None = None) -> LoadedModel:
@@ -235,21 +240,45 @@ class ModelRegistry:
                 fut.set_exception(ModelLoadError("internal", "the daemon is shutting down"))
 
     # -- the loader threads -----------------------------------------------------------
-    def _submit(self, name: str) -> bool:
-        """Queue a load of ``name`` on the loader of the device it is wanted on; False
-        once closed."""
+    def _submit(self, name: str) -> None:
+        """Queue a load of ``name`` on the loader of the device it is wanted on. Raises
+        ModelLoadError once closed, or when no loader thread can start."""
+        closed = ModelLoadError("internal", "the daemon is shutting down")
         with self._lock:
             if self._closed:
-                return False
+                raise closed
             entry = self._entries.get(name)
             lane = device_lane(entry.wanted.device) if entry is not None else "cpu"
             loader = self._loaders.get(lane)
             if loader is None:
-                loader = LoadThread(self._run_load, name=f"modelcache-loader-{lane}")
+                loader = LoadThread(
+                    functools.partial(self._run_load, lane),
+                    name=f"modelcache-loader-{lane}",
+                    on_exit=self._loader_ended,
+                )
                 self._loaders[lane] = loader
-        return loader.submit(name)
+        try:
+            queued = loader.submit(name)
+        except RuntimeError as exc:
+            raise ModelLoadError("internal", f"cannot start a loader thread: {exc}") from None
+        if not queued:
+            raise closed
 
-    def _run_load(self, name: str) -> None:
+    def _submit_or_fail(self, name: str, fut: Future[LoadedModel]) -> None:
+        """Queue ``name`` for the waiters of ``fut``; fail them if it cannot be queued."""
+        try:
+            self._submit(name)
+        except ModelLoadError as exc:
+            with self._lock:
+                self._inflight.pop(name, None)
+            fut.set_exception(exc)
+
+    def _loader_ended(self) -> None:
+        if self.idle():
+            for listener in list(self._idle_listeners):
+                listener()
+
+    def _run_load(self, lane: str, name: str) -> None:
         with self._lock:
             entry = self._entries.get(name)
             generation = self._generation.get(name, 0)
@@ -259,6 +288,9 @@ class ModelRegistry:
                 with self._lock:
                     self._inflight.pop(name, None)
                 fut.set_exception(ModelLoadError("not_found", f"model {name} was removed"))
+            return
+        if device_lane(entry.wanted.device) != lane:  # moved to another device while queued
+            self._submit_or_fail(name, fut)
             return
         result: LoadedModel | ModelLoadError
         try:
@@ -278,10 +310,7 @@ class ModelRegistry:
                 self._inflight.pop(name, None)
         if superseded:
             del result  # superseded by a newer spec: load that one, same waiters
-            if not self._submit(name):  # closed meanwhile: nobody will load it
-                with self._lock:
-                    self._inflight.pop(name, None)
-                fut.set_exception(ModelLoadError("internal", "the daemon is shutting down"))
+            self._submit_or_fail(name, fut)
             return
         if not current:
             fut.set_exception(ModelLoadError("not_found", f"model {name} was removed"))

@@ -47,7 +47,7 @@ from modelcache.daemon.loadthread import Backoff
 from modelcache.daemon.probes import Heartbeat, ProbeApp, ProbeServer
 from modelcache.daemon.registry import ModelRegistry, ModelState
 from modelcache.daemon.servicer import SERVICE, ModelCacheServicer
-from modelcache.daemon.workers import ModelWorkers, freeze_when_ready
+from modelcache.daemon.workers import ModelWorkers, freeze_heap
 from modelcache.settings import DaemonSettings
 
 log = logging.getLogger(__name__)
@@ -250,7 +250,7 @@ class DaemonServer:
 async def _run(server: DaemonServer) -> None:
     await server.start()
     server.start_metrics()
-    server.registry.add_listener(freeze_when_ready)
+    server.registry.add_idle_listener(freeze_heap)
     server.registry.start_all()
     watcher = None
     if server.settings.config is not None:

@@ -100,20 +100,20 @@ class ModelWorkers:
         threading.Thread(target=run, name=f"retire-{name}", daemon=True).start()
 
 
-def freeze_when_ready(name: str, state: ModelState) -> None:
-    """Registry listener of the serving process: once a model is loaded, everything alive
-    (torch, transformers, the model's modules: ~400k objects with MiniLM) moves out of the
+def freeze_heap() -> None:
+    """Registry idle listener of the serving process: once no load runs, everything alive
+    (torch, transformers, the models' modules: ~400k objects with MiniLM) moves out of the
     garbage collector's reach. Otherwise every full collection under load walks all of it
     (170-200 ms measured), and every request in flight waits: that pause was the p99 of
-    the refusals under overload. Collected first, so no garbage is frozen."""
-    if state is ModelState.READY:
-        gc.collect()
-        gc.freeze()
+    the refusals under overload. Collected first, so no garbage is frozen; and never while
+    a load (on any device) is half done, whose failure must leave collectable garbage."""
+    gc.collect()
+    gc.freeze()
 
 
 def release_memory(device: torch.device) -> None:
     """Give a dropped model's memory back: a full collection (over the objects frozen by
-    ``freeze_when_ready`` too, for any cycle holding tensors), then CUDA's cached blocks."""
+    ``freeze_heap`` too, for any cycle holding tensors), then CUDA's cached blocks."""
     gc.unfreeze()
     gc.collect()
     gc.freeze()
