@@ -15,11 +15,14 @@ globalstate.py and loader.py's ``LOAD_LOCK`` stretches).
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from modelcache.daemon.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +109,69 @@ class LoadThread:
                 self._on_exit()
             except Exception:
                 log.exception("the loader's exit hook failed")
+
+
+def device_lane(device: str) -> str:
+    """The loader of a device string: ``cuda`` and ``cuda:0`` are one GPU."""
+    return "cuda:0" if device == "cuda" else device
+
+
+class DeviceLoaders:
+    """One ``LoadThread`` per device (made on first use), closed together, and listeners
+    called when the last of them has ended (no device has a load queued or running)."""
+
+    def __init__(self, job: Callable[[str, str], None]) -> None:
+        """``job(lane, item)`` runs an item on the loader of ``lane``."""
+        self._job = job
+        self._lock = threading.Lock()
+        self._threads: dict[str, LoadThread] = {}
+        self._closed = False
+        self._idle_listeners: list[Callable[[], None]] = []
+
+    def add_idle_listener(self, listener: Callable[[], None]) -> None:
+        self._idle_listeners.append(listener)
+
+    def submit(self, lane: str, item: str) -> None:
+        """Queue ``item`` on ``lane``'s loader. Raises ModelLoadError once closed, or when
+        no thread can start (a pids limit)."""
+        closed = ModelLoadError("internal", "the daemon is shutting down")
+        with self._lock:
+            if self._closed:
+                raise closed
+            loader = self._threads.get(lane)
+            if loader is None:
+                loader = LoadThread(
+                    functools.partial(self._job, lane),
+                    name=f"modelcache-loader-{lane}",
+                    on_exit=self._ended,
+                )
+                self._threads[lane] = loader
+        try:
+            queued = loader.submit(item)
+        except RuntimeError as exc:
+            raise ModelLoadError("internal", f"cannot start a loader thread: {exc}") from None
+        if not queued:
+            raise closed
+
+    def busy(self) -> bool:
+        with self._lock:
+            loaders = list(self._threads.values())
+        return any(loader.busy() for loader in loaders)
+
+    def close(self) -> list[str]:
+        """Stop taking work; return the items that will now never run."""
+        with self._lock:
+            self._closed = True
+            loaders = list(self._threads.values())
+        return [item for loader in loaders for item in loader.close()]
+
+    def _ended(self) -> None:
+        if not self.busy():
+            for listener in list(self._idle_listeners):
+                try:
+                    listener()
+                except Exception:  # one broken listener must not skip the others
+                    log.exception("loader idle listener failed")
 
 
 class RetryTimers:

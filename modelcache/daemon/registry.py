@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import threading
 import time
@@ -50,7 +49,7 @@ from modelcache.daemon.loader import (
     load_model,
     prepare_model,
 )
-from modelcache.daemon.loadthread import Backoff, LoadThread, RetryTimers
+from modelcache.daemon.loadthread import Backoff, DeviceLoaders, RetryTimers, device_lane
 from modelcache.metrics import MODEL_LOADED, record_served
 
 __all__ = ["DOWNLOAD_POLL_S", "Listener", "ModelEntry", "ModelRegistry", "ModelState"]
@@ -58,11 +57,6 @@ __all__ = ["DOWNLOAD_POLL_S", "Listener", "ModelEntry", "ModelRegistry", "ModelS
 log = logging.getLogger(__name__)
 #: Seconds between looks at a model the fetch container is still downloading.
 DOWNLOAD_POLL_S = 5.0
-
-
-def device_lane(device: str) -> str:
-    """The loader queue of a device string: ``cuda`` and ``cuda:0`` are one GPU."""
-    return "cuda:0" if device == "cuda" else device
 
 
 def _prepare(spec: ModelSpec, config: DaemonConfig) -> PreparedModel:
@@ -90,9 +84,7 @@ class ModelRegistry:
         self._prepared: dict[str, tuple[ModelSpec, PreparedModel]] = {}
         self._inflight: dict[str, Future[LoadedModel]] = {}
         self._listeners: list[Listener] = []
-        self._idle_listeners: list[Callable[[], None]] = []
-        self._loaders: dict[str, LoadThread] = {}  # one per device, made on first use
-        self._closed = False
+        self._loaders = DeviceLoaders(self._run_load)
         self._timers = RetryTimers()
         self.load_count: dict[str, int] = dict.fromkeys(self._entries, 0)
 
@@ -120,7 +112,7 @@ class ModelRegistry:
     def add_idle_listener(self, listener: Callable[[], None]) -> None:
         """Called on a loader thread whenever the last running load has ended (no loader
         of any device has work): the moment nothing is half built."""
-        self._idle_listeners.append(listener)
+        self._loaders.add_idle_listener(listener)
 
     # -- queries --------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -221,18 +213,13 @@ class ModelRegistry:
 
     def idle(self) -> bool:
         """No load queued or running."""
-        with self._lock:
-            loaders = list(self._loaders.values())
-        return not any(loader.busy() for loader in loaders)
+        return not self._loaders.busy()
 
     def close(self) -> None:
         """Stop loading: queued loads are dropped and their waiters get an error at once;
         a load already running finishes in the background (it cannot be interrupted)."""
         self._timers.close()
-        with self._lock:
-            self._closed = True
-            loaders = list(self._loaders.values())
-        dropped = [name for loader in loaders for name in loader.close()]
+        dropped = self._loaders.close()
         with self._lock:
             futures = [self._inflight.pop(n) for n in dropped if n in self._inflight]
         for fut in futures:
@@ -241,28 +228,11 @@ class ModelRegistry:
 
     # -- the loader threads -----------------------------------------------------------
     def _submit(self, name: str) -> None:
-        """Queue a load of ``name`` on the loader of the device it is wanted on. Raises
-        ModelLoadError once closed, or when no loader thread can start."""
-        closed = ModelLoadError("internal", "the daemon is shutting down")
+        """Queue a load of ``name`` on the loader of the device it is wanted on (raises
+        ModelLoadError once closed, or when no loader thread can start)."""
         with self._lock:
-            if self._closed:
-                raise closed
             entry = self._entries.get(name)
-            lane = device_lane(entry.wanted.device) if entry is not None else "cpu"
-            loader = self._loaders.get(lane)
-            if loader is None:
-                loader = LoadThread(
-                    functools.partial(self._run_load, lane),
-                    name=f"modelcache-loader-{lane}",
-                    on_exit=self._loader_ended,
-                )
-                self._loaders[lane] = loader
-        try:
-            queued = loader.submit(name)
-        except RuntimeError as exc:
-            raise ModelLoadError("internal", f"cannot start a loader thread: {exc}") from None
-        if not queued:
-            raise closed
+        self._loaders.submit(device_lane(entry.wanted.device) if entry else "cpu", name)
 
     def _submit_or_fail(self, name: str, fut: Future[LoadedModel]) -> None:
         """Queue ``name`` for the waiters of ``fut``; fail them if it cannot be queued."""
@@ -272,11 +242,6 @@ class ModelRegistry:
             with self._lock:
                 self._inflight.pop(name, None)
             fut.set_exception(exc)
-
-    def _loader_ended(self) -> None:
-        if self.idle():
-            for listener in list(self._idle_listeners):
-                listener()
 
     def _run_load(self, lane: str, name: str) -> None:
         with self._lock:
