@@ -193,7 +193,7 @@ def test_a_streamed_read_leaves_the_load_lock_free(
     free_during_run: list[bool] = []
     real = streaming.Stream.run
 
-    def probed(self: streaming.Stream) -> int:
+    def probed(self: streaming.Stream) -> None:
         got: list[bool] = []
 
         def probe() -> None:  # another thread, as another device's loader would be
@@ -206,7 +206,7 @@ def test_a_streamed_read_leaves_the_load_lock_free(
         t.start()
         t.join()
         free_during_run.extend(got)
-        return real(self)
+        real(self)
 
     monkeypatch.setattr(streaming.Stream, "run", probed)
     entry = load_one(path, "causal-lm")

@@ -239,12 +239,11 @@ class Stream:
         count = min(count, len(self.chunks))
         hostmem.require_host(count * size, "the load ring")
         self.ring: Ring | None = Ring(count, size, device)
-        self.ring_bytes = count * size
 
-    def run(self) -> int:
-        """Read every planned checkpoint tensor into its destination through the ring;
-        returns the ring's host bytes. Fails as corrupt_weights if a file cannot be read or
-        shrank. The ring is released either way (its pinned pages handed back)."""
+    def run(self) -> None:
+        """Read every planned checkpoint tensor into its destination through the ring.
+        Fails as corrupt_weights if a file cannot be read or shrank. The ring is released
+        either way (its pinned pages handed back)."""
         ring, self.ring = self.ring, None
         if ring is None:
             raise RuntimeError("a Stream runs once")
@@ -263,7 +262,6 @@ class Stream:
                 os.close(fd)
         if error is not None:
             raise error
-        return self.ring_bytes
 
     def _pump(self, ring: Ring, fds: dict[Path, int]) -> None:
         count, uses, threads = len(ring.host), self.uses, read_threads()
@@ -294,16 +292,6 @@ def _without_frames(exc: BaseException) -> BaseException:
             link.__traceback__ = None
             todo += [link.__cause__, link.__context__]
     return exc
-
-
-def stream_into(
-    shards: Sequence[Shard],
-    plan: Plan,
-    dests: dict[str, torch.Tensor],
-    device: torch.device,
-) -> int:
-    """Set up and run a ``Stream`` at once (callers that hold the load lock throughout)."""
-    return Stream(shards, plan, dests, device).run()
 
 
 def _read(
