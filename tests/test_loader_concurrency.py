@@ -6,7 +6,10 @@ import asyncio
 import contextlib
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import tiny_models
@@ -16,6 +19,7 @@ from transformers import initialization as hf_init
 
 from modelcache.config import parse_config
 from modelcache.daemon import globalstate
+from modelcache.daemon import registry as reg
 from modelcache.daemon.errors import ModelLoadError
 from modelcache.daemon.registry import ModelRegistry, ModelState
 
@@ -218,6 +222,13 @@ def test_a_streamed_read_leaves_the_load_lock_free(
     assert whole.loaded.fingerprint == entry.loaded.fingerprint
 
 
+def _stand_in_loads(monkeypatch: pytest.MonkeyPatch, load: Callable[[Any], Any]) -> None:
+    """The registry with ``load`` in place of loader.load_model and nothing to resolve: its
+    queues, Futures and loader threads run as they are, around a load the test controls."""
+    monkeypatch.setattr(reg, "load_model", load)
+    monkeypatch.setattr(reg, "_prepare", lambda spec, config: SimpleNamespace(spec=spec))
+
+
 class _Lanes:
     """A stand-in for loader.load_model that records which loads ran at the same time."""
 
@@ -241,13 +252,8 @@ class _Lanes:
 def test_loads_onto_different_devices_overlap_and_one_device_loads_one_at_a_time(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from types import SimpleNamespace
-
-    from modelcache.daemon import registry as reg
-
     lanes = _Lanes(hold=1.0)
-    monkeypatch.setattr(reg, "load_model", lanes)
-    monkeypatch.setattr(reg, "_prepare", lambda spec, config: SimpleNamespace(spec=spec))
+    _stand_in_loads(monkeypatch, lanes)
     devices = {"a": "cuda", "b": "cuda:0", "c": "cuda:1", "d": "cpu"}
     models = [
         {"name": n, "source": f"/nowhere/{n}", "task": "embedding", "device": d}
@@ -279,10 +285,6 @@ def test_a_superseded_load_meeting_a_closed_registry_fails_its_waiters(
 ) -> None:
     """The spec changes while its load runs (the load is superseded and must be redone),
     and the daemon closes meanwhile: the waiters get an error, they do not wait for ever."""
-    from types import SimpleNamespace
-
-    from modelcache.daemon import registry as reg
-
     started, release = threading.Event(), threading.Event()
 
     def blocking_load(prepared: object) -> object:
@@ -290,8 +292,7 @@ def test_a_superseded_load_meeting_a_closed_registry_fails_its_waiters(
         release.wait(10)
         raise ModelLoadError("internal", "the stand-in loads nothing")
 
-    monkeypatch.setattr(reg, "load_model", blocking_load)
-    monkeypatch.setattr(reg, "_prepare", lambda spec, config: SimpleNamespace(spec=spec))
+    _stand_in_loads(monkeypatch, blocking_load)
     model = {"name": "m", "source": "/nowhere/m", "task": "embedding"}
     registry = ModelRegistry(parse_config({"models": [model]}))
     fut = registry.load_async("m")
@@ -308,10 +309,6 @@ def test_a_load_moved_to_another_device_while_queued_runs_on_that_device(
 ) -> None:
     """x waits on cuda:0 behind y; its spec moves to cuda:1 meanwhile: x's load runs on
     cuda:1's loader (so it never overlaps another cuda:1 load), once."""
-    from types import SimpleNamespace
-
-    from modelcache.daemon import registry as reg
-
     release = threading.Event()
     threads: dict[str, str] = {}
 
@@ -322,8 +319,7 @@ def test_a_load_moved_to_another_device_while_queued_runs_on_that_device(
             release.wait(10)
         raise ModelLoadError("internal", "the stand-in loads nothing")
 
-    monkeypatch.setattr(reg, "load_model", load)
-    monkeypatch.setattr(reg, "_prepare", lambda spec, config: SimpleNamespace(spec=spec))
+    _stand_in_loads(monkeypatch, load)
     y = {"name": "y", "source": "/nowhere/y", "task": "embedding", "device": "cuda:0"}
     x = {**y, "name": "x", "source": "/nowhere/x"}
     registry = ModelRegistry(parse_config({"models": [y, x]}))
@@ -346,15 +342,11 @@ def test_a_loader_thread_that_cannot_start_fails_its_load_and_the_next_one_runs(
 ) -> None:
     """A pids limit refuses a thread: the waiters get that reason at once (not a Future
     pending for ever), and the device's loader is not left marked busy."""
-    from types import SimpleNamespace
-
-    from modelcache.daemon import registry as reg
 
     def load(prepared: object) -> object:
         raise ModelLoadError("internal", "the stand-in loads nothing")
 
-    monkeypatch.setattr(reg, "load_model", load)
-    monkeypatch.setattr(reg, "_prepare", lambda spec, config: SimpleNamespace(spec=spec))
+    _stand_in_loads(monkeypatch, load)
     real_start = threading.Thread.start
     refused: list[str] = []
 

@@ -7,7 +7,7 @@ every team, the batch workers' included (forward passes measured 20-35 % slower 
 A daemon whose model set changes at run time loads at any time, so the loader cannot simply
 be shut down after the first round: it ends whenever its queue is empty.
 
-Why one thread per device (the registry keeps one ``LoadThread`` for each): a device takes
+Why one thread per device (``DeviceLoaders`` keeps one ``LoadThread`` for each): a device takes
 one load at a time, in configured order; loads onto different devices may overlap only in
 their streamed reads, because transformers' loading patches process globals (see
 globalstate.py and loader.py's ``LOAD_LOCK`` stretches).
